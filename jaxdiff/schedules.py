@@ -1,0 +1,117 @@
+"""Noise schedules and the forward process q(x_t | x_0).
+
+Timestep convention, used everywhere in jaxdiff: an integer t in 1..T, as in the
+textbook. ``alpha_bars[t - 1]`` is abar_t, so x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+t = 0 means clean data (abar_0 = 1); it is never passed to a network.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class Schedule:
+    """A discrete noise schedule as a frozen pytree, so it enters ``jit`` as data.
+
+    ``kind`` is static metadata (the constructor and its arguments), recorded so a
+    checkpoint can refuse to load under another schedule.
+    """
+
+    betas: jax.Array
+    alphas: jax.Array
+    alpha_bars: jax.Array
+    kind: str = struct.field(pytree_node=False, default="custom")
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def alpha_bar(self, t: jax.Array) -> jax.Array:
+        """abar_t for integer t in 0..T (abar_0 = 1)."""
+        padded = jnp.concatenate([jnp.ones((1,), self.alpha_bars.dtype), self.alpha_bars])
+        return padded[t]
+
+
+def from_betas(betas, kind: str = "custom") -> Schedule:
+    """Build a schedule from betas; the products are taken in float64, then stored as float32."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size == 0:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
+        raise ValueError("every beta must be finite and strictly between 0 and 1")
+    alphas = 1.0 - betas
+    alpha_bars = np.cumprod(alphas)
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
+    return Schedule(betas=f32(betas), alphas=f32(alphas), alpha_bars=f32(alpha_bars), kind=kind)
+
+
+def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    """The textbook's (and DDPM's) linear betas from beta_start to beta_end."""
+    _check_num_timesteps(num_timesteps)
+    if not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    return from_betas(betas, kind=f"linear(T={num_timesteps},{beta_start},{beta_end})")
+
+
+def cosine(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    """Nichol & Dhariwal's cosine schedule: abar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2)."""
+    _check_num_timesteps(num_timesteps)
+    if not s >= 0 or not 0 < max_beta < 1:
+        raise ValueError(f"need s >= 0 and 0 < max_beta < 1, got s={s}, max_beta={max_beta}")
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
+    abar = f / f[0]
+    betas = np.clip(1.0 - abar[1:] / abar[:-1], 1e-12, max_beta)
+    return from_betas(betas, kind=f"cosine(T={num_timesteps},{s},{max_beta})")
+
+
+def _check_num_timesteps(num_timesteps) -> None:
+    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+
+
+def expand_to(a: jax.Array, x: jax.Array) -> jax.Array:
+    """Append trailing axes so a per-example array of shape (B,) broadcasts against x (B, ...)."""
+    a = jnp.asarray(a)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def add_noise(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Sample q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t of shape (B,) or scalar."""
+    abar = expand_to(schedule.alpha_bar(t), x0)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.ndarray:
+    """``steps`` strictly decreasing integer timesteps from T to 1 for a few-step sampler,
+    which visits them in order and then steps to t = 0.
+
+    ``spacing="uniform"`` spaces them evenly in t (DDIM's choice); ``"logsnr"`` evenly in
+    lambda = log(sqrt(abar) / sqrt(1 - abar)), which DPM-Solver recommends for small images.
+    """
+    T = schedule.num_timesteps
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in 1..{T}, got {steps!r}")
+    if spacing not in ("uniform", "logsnr"):
+        raise ValueError(f"spacing must be 'uniform' or 'logsnr', got {spacing!r}")
+    if steps == 1:
+        return np.array([T], dtype=np.int32)
+    if spacing == "uniform":
+        target = np.linspace(T, 1, steps)
+    elif spacing == "logsnr":
+        abar = np.asarray(schedule.alpha_bars, np.float64)
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # increasing as t falls
+        t_grid = np.arange(1, T + 1, dtype=np.float64)
+        target = np.interp(np.linspace(lam[-1], lam[0], steps), lam[::-1], t_grid[::-1])
+    ts = np.round(target).astype(np.int64)
+    ts[-1] = 1
+    # rounding can repeat a timestep where lambda moves fast: push repeats upward, then cap at T
+    for i in range(steps - 2, -1, -1):
+        ts[i] = max(ts[i], ts[i + 1] + 1)
+    ts = np.minimum(ts, T - np.arange(steps))
+    return ts.astype(np.int32)
