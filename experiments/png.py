@@ -54,3 +54,24 @@ def grid(images: np.ndarray, pad: int = 2, value: int = 255) -> np.ndarray:
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour enlargement, so small pictures stay sharp in a viewer."""
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def line_plot(values, width: int = 480, height: int = 240, log: bool = True) -> np.ndarray:
+    """A bare line plot (no text) of a series, on a log scale by default, as a grayscale image."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    img = np.full((height, width), 255, np.uint8)
+    img[[0, -1], :] = img[:, [0, -1]] = 160
+    if v.size < 2:
+        return img
+    if log:
+        v = np.log(np.maximum(v, 1e-12))
+    lo, hi = v.min(), v.max()
+    xs = np.linspace(4, width - 5, v.size)
+    ys = (height - 5) - (v - lo) / max(hi - lo, 1e-12) * (height - 10)
+    for i in range(v.size - 1):  # connect consecutive points
+        n = int(max(abs(xs[i + 1] - xs[i]), abs(ys[i + 1] - ys[i]), 1)) + 1
+        px = np.linspace(xs[i], xs[i + 1], n).round().astype(int)
+        py = np.linspace(ys[i], ys[i + 1], n).round().astype(int)
+        img[py, px] = 0
+    return img

@@ -1,0 +1,87 @@
+"""Each experiment end to end in a tiny configuration, the pipeline, and the CLI's bad-input exits."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_data import write_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--steps", "4", "--batch-size", "8", "--steps-per-dispatch", "2", "--save-every", "2",
+        "--channels", "8,16,32", "--sample-steps", "2", "--warmup", "1"]
+
+
+def run(module, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("idx")
+    write_split(folder, "train", 64)
+    write_split(folder, "test", 32)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def cfg_run(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cfg"))
+    res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", out, "--per-label", "2", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_mnist_cfg_end_to_end(cfg_run):
+    out, res = cfg_run
+    for name in ["samples.png", "samples_gamma3.png", "negative.png", "loss.png", "loss.csv"]:
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert "done: 4 steps" in res.stdout
+    rows = open(os.path.join(out, "loss.csv")).read().split()
+    assert rows[0] == "step,loss" and len(rows) == 5
+
+
+def test_resume_continues_and_refuses_a_changed_schedule_of_work(cfg_run, tiny_data):
+    out, _ = cfg_run
+    res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", out, "--per-label", "1", *TINY[:-2])
+    assert res.returncode == 2 and "--resume" in res.stderr
+    more = [a if a != "4" else "6" for a in TINY]
+    res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", out, "--per-label", "1", "--resume", *more)
+    assert res.returncode == 0 and "resumed from step 4" in res.stderr, res.stderr[-2000:]
+    assert len(open(os.path.join(out, "loss.csv")).read().split()) == 7
+    other = [a if a != "8,16,32" else "8,16" for a in more]
+    res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", out, "--resume", *other)
+    assert res.returncode == 2 and "channels: checkpoint has [8, 16, 32], this run has [8, 16]" in res.stderr
+
+
+def test_pipeline_from_checkpoint(cfg_run):
+    from jaxdiff.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(os.path.join(cfg_run[0], "checkpoints"))
+    a = pipe([0, 1, 2], gamma=2.0, sampler="ddim", steps=2, seed=3)
+    b = pipe([0, 1, 2], gamma=2.0, sampler="ddim", steps=2, seed=3)
+    c = pipe([0, 1, 2], gamma=2.0, sampler="ddim", steps=2, seed=4)
+    assert a.shape == (3, 28, 28, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len(pipe._compiled) == 1  # a new seed reused the compiled sampler
+    pipe([3], negative_labels=[4], gamma=[1.5], sampler="dpm++", steps=2)
+    for kwargs, msg in [({"labels": [10]}, "labels must be in 0..9"), ({"labels": [1], "gamma": float("nan")}, "gamma"),
+                        ({"labels": [1], "sampler": "euler"}, "unknown sampler"), ({"labels": []}, "empty"),
+                        ({"labels": [1], "negative_labels": [-1]}, "negative_labels")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe(**kwargs)
+
+
+def test_missing_data_exits_2_with_where_to_put_it(tmp_path):
+    res = run("experiments.mnist_cfg", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *TINY)
+    assert res.returncode == 2
+    assert "train-images-idx3-ubyte.gz" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("bad", [["--gammas", "1,nan"], ["--steps", "0"], ["--channels", "8,x"], ["--p-uncond", "1.5"]])
+def test_bad_flags_exit_2(bad, tiny_data, tmp_path):
+    res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", str(tmp_path), *bad)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
