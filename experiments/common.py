@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (experiments build Namespaces through it)
 import csv
 import math
 import os
@@ -16,7 +16,7 @@ import numpy as np
 from experiments.png import grid, line_plot, upscale, write_png
 from jaxdiff import data, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
-from jaxdiff.pipeline import MUST_MATCH, SAMPLERS
+from jaxdiff.pipeline import MUST_MATCH, SAMPLERS, init_params, model_from_config, schedule_from_config
 
 
 def positive_int(s):
@@ -196,3 +196,37 @@ def write_loss_plot(csv_path: str, png_path: str):
 def save_grid(path: str, images_uint8: np.ndarray, rows: int, cols: int, scale: int = 2):
     """(rows * cols, H, W, C) uint8 images, row-major, as one PNG."""
     write_png(path, upscale(grid(images_uint8.reshape(rows, cols, *images_uint8.shape[1:])), scale))
+
+
+def train_model(args, images, labels, out_dir: str, *, model: str, num_classes: int, p_uncond: float = 0.0,
+                channels=None, label: str = "train"):
+    """Build the configuration, the network and its loss, then train (or resume) it.
+
+    ``model="unet"`` trains eps_theta(x_t, t, y) with labels dropped with probability ``p_uncond``
+    (1.0: an unconditional model, every label the null one); ``model="classifier"`` trains the
+    noisy classifier. Returns (config, network, state, schedule, seconds, images/s).
+    """
+    unet = model == "unet"
+    config = dict(model=model, num_classes=num_classes, channels=channels or parse_channels(args.channels),
+                  blocks_per_level=1 if unet else None, attention_levels=[] if unet else None,
+                  cond_dim=256 if unet else 128, schedule="linear", num_timesteps=1000,
+                  image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
+                  batch_size=args.batch_size, lr=args.lr, p_uncond=p_uncond, seed=args.seed)
+    dtype = compute_dtype(args.dtype)
+    net = model_from_config(config, dtype)
+    params = init_params(model_from_config(config), config, args.seed)
+    schedule = schedule_from_config(config)
+    if unet:
+        loss_fn = train.diffusion_loss(net.apply, schedule, p_uncond=p_uncond, null_label=num_classes)
+    else:
+        loss_fn = train.classifier_loss(net.apply, schedule)
+    print(f"{args.dataset}/{args.split}: {len(images)} images; {model} {tuple(config['channels'])}, "
+          f"{sum(a.size for a in jax.tree.leaves(params)):,} parameters, {jnp.dtype(dtype).name} compute, "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}", file=sys.stderr)
+    state, seconds, rate = run_training(args, config, net, params, loss_fn, images, labels, out_dir, label)
+    return config, net, state, schedule, seconds, rate
+
+
+def final_loss(out_dir: str) -> float:
+    rows = np.loadtxt(os.path.join(out_dir, "loss.csv"), delimiter=",", skiprows=1, ndmin=2)
+    return float(rows[-50:, 1].mean())

@@ -11,6 +11,7 @@ gamma: eps = eps_u + gamma (eps_c - eps_u). Writes, under --out:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, train
-from jaxdiff.pipeline import Pipeline, init_params, model_from_config, nfe, schedule_from_config
+from jaxdiff import data
+from jaxdiff.pipeline import Pipeline, nfe
 
 
 def main(argv=None):
@@ -31,26 +32,16 @@ def main(argv=None):
     p.add_argument("--gamma", type=float, default=3.0, help="guidance scale for the per-label grid")
     p.add_argument("--per-label", type=common.positive_int, default=10, help="samples per label in the per-label grid")
     args = p.parse_args(argv)
+    if not math.isfinite(args.gamma):
+        common.fail(f"--gamma must be finite, got {args.gamma}")
     if not 0 <= args.p_uncond < 1:
         common.fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
     os.makedirs(args.out, exist_ok=True)
 
     images, labels = common.load_data(args)
     num_classes = data.NUM_CLASSES[args.dataset]
-    config = dict(model="unet", num_classes=num_classes, channels=common.parse_channels(args.channels),
-                  blocks_per_level=1, attention_levels=[], cond_dim=256, schedule="linear", num_timesteps=1000,
-                  image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
-                  batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, seed=args.seed)
-    dtype = common.compute_dtype(args.dtype)
-    model = model_from_config(config, dtype)
-    params = init_params(model_from_config(config), config, args.seed)
-    schedule = schedule_from_config(config)
-    loss_fn = train.diffusion_loss(lambda p_, x, t, y: model.apply(p_, x, t, y), schedule,
-                                   p_uncond=args.p_uncond, null_label=num_classes)
-    print(f"{args.dataset}/{args.split}: {len(images)} images; U-Net {config['channels']}, "
-          f"{sum(a.size for a in jax.tree.leaves(params)):,} parameters, {jnp.dtype(dtype).name} compute, "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}", file=sys.stderr)
-    state, train_s, rate = common.run_training(args, config, model, params, loss_fn, images, labels, args.out, "train")
+    config, model, state, schedule, train_s, rate = common.train_model(
+        args, images, labels, args.out, model="unet", num_classes=num_classes, p_uncond=args.p_uncond)
 
     pipe = Pipeline(model, jax.device_get(state.ema_params), schedule, config)
     t0 = time.perf_counter()
@@ -67,7 +58,7 @@ def main(argv=None):
     sample_s = time.perf_counter() - t0
     print(f"done: {args.steps} steps in {train_s:.1f}s ({rate:,.0f} img/s after compile), sampling "
           f"{sample_s:.1f}s ({args.sampler}, {nfe(args.sampler, args.sample_steps, schedule)} NFE), "
-          f"final loss {float(np.mean(np.loadtxt(os.path.join(args.out, 'loss.csv'), delimiter=',', skiprows=1, ndmin=2)[-50:, 1])):.4f}, "
+          f"final loss {common.final_loss(args.out):.4f}, "
           f"skipped {int(state.skipped)}; outputs in {args.out}")
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance, sampling, schedules
-from jaxdiff.checkpoint import Checkpoints
+from jaxdiff.checkpoint import Checkpoints, compare_configs
 from jaxdiff.data import to_uint8
 from jaxdiff.nets.classifier import NoisyClassifier
 from jaxdiff.nets.unet import UNet
@@ -66,25 +66,42 @@ def nfe(sampler: str, steps: int, schedule) -> int:
     return schedule.num_timesteps if sampler == "ddpm" else steps
 
 
-class Pipeline:
-    """Labels (and negative labels) in, uint8 images out, from a class-conditional U-Net."""
+def load_model(directory: str, step=None, dtype=jnp.float32, expect: str = "unet"):
+    """(module, EMA params, config) from a checkpoint folder, checking which kind of model it holds."""
+    ckpt = Checkpoints(directory)
+    config = ckpt.config(step)
+    if config.get("model") != expect:
+        raise ValueError(f"{directory} holds a {config.get('model')!r} checkpoint, expected {expect!r}")
+    params = ckpt.restore_ema(init_params(model_from_config(config), config), step)
+    ckpt.close()
+    return model_from_config(config, dtype), params, config
 
-    def __init__(self, model, params, schedule: schedules.Schedule, config: dict):
+
+class Pipeline:
+    """Labels (and negative labels) in, uint8 images out.
+
+    Classifier-free guidance with a class-conditional U-Net, or, given ``classifier`` =
+    (noisy classifier module, its params), classifier guidance of the U-Net's
+    unconditional eps: eps - gamma sqrt(1 - abar_t) grad log p(y | x_t).
+    """
+
+    def __init__(self, model, params, schedule: schedules.Schedule, config: dict, classifier=None):
         self.model, self.params, self.schedule, self.config = model, params, schedule, config
-        self.num_classes = config["num_classes"]
+        self.classifier = classifier
+        self.num_classes = classifier[0].num_classes if classifier else config["num_classes"]
         self.image_shape = tuple(config["image_shape"])
         self._compiled = {}
 
     @classmethod
-    def from_checkpoint(cls, directory: str, step: int | None = None, dtype=jnp.float32) -> "Pipeline":
-        ckpt = Checkpoints(directory)
-        config = ckpt.config(step)
-        if config.get("model") != "unet":
-            raise ValueError(f"{directory} holds a {config.get('model')!r} checkpoint, not a diffusion U-Net")
-        model = model_from_config(config, dtype)
-        params = ckpt.restore_ema(init_params(model_from_config(config), config), step)
-        ckpt.close()
-        return cls(model, params, schedule_from_config(config), config)
+    def from_checkpoint(cls, directory: str, step: int | None = None, dtype=jnp.float32,
+                        classifier_directory: str | None = None) -> "Pipeline":
+        model, params, config = load_model(directory, step, dtype, expect="unet")
+        classifier = None
+        if classifier_directory is not None:
+            net, cparams, cconfig = load_model(classifier_directory, None, dtype, expect="classifier")
+            compare_configs(cconfig, config, ("schedule", "num_timesteps", "image_shape"), where=classifier_directory)
+            classifier = (net, cparams)
+        return cls(model, params, schedule_from_config(config), config, classifier)
 
     def eps_model(self, params):
         return lambda x, t, y: self.model.apply(params, x, t, y)
@@ -96,6 +113,8 @@ class Pipeline:
             raise ValueError("labels is empty: ask for at least one image")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
+        if negative_labels is not None and self.classifier is not None:
+            raise ValueError("negative_labels need classifier-free guidance; this pipeline uses a classifier")
         if negative_labels is None:
             uncond = np.full_like(labels, self.num_classes)
         else:
@@ -117,5 +136,12 @@ class Pipeline:
     def _generate(self, sampler, steps, eta, clip_x0, params, labels, uncond, gamma, key):
         k_noise, k_run = jax.random.split(key)
         x_T = jax.random.normal(k_noise, (labels.shape[0], *self.image_shape))
-        eps_fn = guidance.cfg(self.eps_model(params), labels, uncond, gamma)
+        if self.classifier is None:
+            eps_fn = guidance.cfg(self.eps_model(params), labels, uncond, gamma)
+        else:
+            net, cparams = self.classifier
+            null = jnp.full_like(labels, self.config["num_classes"])
+            log_prob = guidance.log_prob_from_logits(lambda x, t: net.apply(cparams, x, t))
+            eps_fn = guidance.classifier_guidance(lambda x, t: self.model.apply(params, x, t, null), log_prob,
+                                                  labels, gamma, self.schedule)
         return run_sampler(sampler, eps_fn, self.schedule, x_T, k_run, steps, eta, clip_x0)

@@ -85,3 +85,11 @@ def test_missing_data_exits_2_with_where_to_put_it(tmp_path):
 def test_bad_flags_exit_2(bad, tiny_data, tmp_path):
     res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", str(tmp_path), *bad)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("module", ["experiments.mnist_cond", "experiments.mnist_classifier_guidance"])
+def test_other_experiments_end_to_end(module, tiny_data, tmp_path):
+    extra = ["--classifier-steps", "2", "--classifier-channels", "8,8,8"] if "classifier" in module else ["--per-label", "2"]
+    res = run(module, "--data-dir", tiny_data, "--out", str(tmp_path), "--dataset", "fashion_mnist", *TINY, *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.getsize(tmp_path / "samples.png") > 0 and "done:" in res.stdout
