@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def fetch_with_tfds(dataset: str, download_dir: str | os.PathLike | None = None,
 
         path = Path(tensorflow_datasets.__file__).parent / "url_checksums" / f"{DATASETS[dataset]}.txt"
         url_infos = checksums.load_url_infos(path)
+    _check_hosts_resolve(str(u) for u in url_infos)
     if download_dir is None:
         base = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
         download_dir = os.path.join(base, "downloads", "jaxdiff")
@@ -111,6 +113,19 @@ def fetch_with_tfds(dataset: str, download_dir: str | os.PathLike | None = None,
     return folder
 
 
+def _check_hosts_resolve(urls) -> None:
+    """Fail at once when a download host has no address (offline), rather than after
+    tensorflow-datasets' minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    for host in {urlparse(u).hostname for u in urls}:
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as err:
+            raise DataUnavailable(f"cannot resolve {host} (offline?): {err}") from err
+
+
 def load(dataset: str, split: str = "train", data_dir=None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28, 1) uint8 and labels (N,) int32 of ``dataset`` ('mnist' or 'fashion_mnist')."""
     if dataset not in DATASETS:
@@ -124,9 +139,8 @@ def load(dataset: str, split: str = "train", data_dir=None, download: bool = Tru
         raise DataUnavailable(_missing_message(dataset, split, data_dir))
     if download:
         try:
+            print(f"fetching {dataset} through tensorflow-datasets ...", file=sys.stderr)
             return load_idx_dir(fetch_with_tfds(dataset), split)
-        except DataUnavailable:
-            raise
         except Exception as err:  # offline, blocked, or a checksum that did not match
             raise DataUnavailable(_missing_message(dataset, split, None) + f"\n(download failed: {err})") from err
     raise DataUnavailable(_missing_message(dataset, split, None))
