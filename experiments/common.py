@@ -49,6 +49,8 @@ def parser(description: str, steps: int, batch_size: int, out: str) -> argparse.
     g.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled parameters")
     g.add_argument("--channels", default="64,128,256", help="channels per U-Net level")
+    g.add_argument("--blocks-per-level", type=positive_int, default=1, help="conv blocks per U-Net level")
+    g.add_argument("--attention-levels", default="", help="U-Net levels (0 = full resolution) with self-attention, e.g. 2 or 1,2")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
     g.add_argument("--steps-per-dispatch", type=positive_int, default=50, help="steps scanned in one device call")
     g.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0 = all local)")
@@ -90,6 +92,16 @@ def parse_channels(s: str):
     if not ch or min(ch) < 4 or any(c % 4 for c in ch):
         fail(f"--channels must be positive multiples of 4, got {s!r}")
     return ch
+
+
+def parse_levels(s: str, num_levels: int) -> list[int]:
+    try:
+        levels = sorted({int(v) for v in s.split(",") if v.strip()})
+    except ValueError:
+        fail(f"--attention-levels must be comma-separated integers, got {s!r}")
+    if any(not 0 <= v < num_levels for v in levels):
+        fail(f"--attention-levels must be in 0..{num_levels - 1} for {num_levels} levels, got {s!r}")
+    return levels
 
 
 class Progress:
@@ -207,9 +219,12 @@ def train_model(args, images, labels, out_dir: str, *, model: str, num_classes: 
     noisy classifier. Returns (config, network, state, schedule, seconds, images/s).
     """
     unet = model == "unet"
-    config = dict(model=model, num_classes=num_classes, channels=channels or parse_channels(args.channels),
-                  blocks_per_level=1 if unet else None, attention_levels=[] if unet else None,
-                  cond_dim=256 if unet else 128, schedule="linear", num_timesteps=1000,
+    small = {"classifier": 128, "eval_classifier": None}
+    channels = channels or parse_channels(args.channels)
+    config = dict(model=model, num_classes=num_classes, channels=channels,
+                  blocks_per_level=args.blocks_per_level if unet else None,
+                  attention_levels=parse_levels(args.attention_levels, len(channels)) if unet else None,
+                  cond_dim=256 if unet else small[model], schedule="linear", num_timesteps=1000,
                   image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
                   batch_size=args.batch_size, lr=args.lr, p_uncond=p_uncond, seed=args.seed)
     dtype = compute_dtype(args.dtype)
@@ -218,8 +233,10 @@ def train_model(args, images, labels, out_dir: str, *, model: str, num_classes: 
     schedule = schedule_from_config(config)
     if unet:
         loss_fn = train.diffusion_loss(net.apply, schedule, p_uncond=p_uncond, null_label=num_classes)
-    else:
+    elif model == "classifier":
         loss_fn = train.classifier_loss(net.apply, schedule)
+    else:
+        loss_fn = train.clean_classifier_loss(net.apply)
     print(f"{args.dataset}/{args.split}: {len(images)} images; {model} {tuple(config['channels'])}, "
           f"{sum(a.size for a in jax.tree.leaves(params)):,} parameters, {jnp.dtype(dtype).name} compute, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}", file=sys.stderr)

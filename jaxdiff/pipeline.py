@@ -17,7 +17,7 @@ import numpy as np
 from jaxdiff import guidance, sampling, schedules
 from jaxdiff.checkpoint import Checkpoints, compare_configs
 from jaxdiff.data import to_uint8
-from jaxdiff.nets.classifier import NoisyClassifier
+from jaxdiff.nets.classifier import EvalClassifier, NoisyClassifier
 from jaxdiff.nets.unet import UNet
 
 ARCH_KEYS = ("model", "num_classes", "channels", "blocks_per_level", "attention_levels", "cond_dim")
@@ -40,13 +40,15 @@ def model_from_config(config: dict, dtype=jnp.float32):
     if config["model"] == "classifier":
         return NoisyClassifier(num_classes=config["num_classes"], channels=tuple(config["channels"]),
                                cond_dim=config["cond_dim"], dtype=dtype)
-    raise ValueError(f"unknown model {config['model']!r}; expected 'unet' or 'classifier'")
+    if config["model"] == "eval_classifier":
+        return EvalClassifier(num_classes=config["num_classes"], channels=tuple(config["channels"]), dtype=dtype)
+    raise ValueError(f"unknown model {config['model']!r}; expected 'unet', 'classifier' or 'eval_classifier'")
 
 
 def init_params(model, config: dict, seed: int = 0):
     x = jnp.zeros((1, *config["image_shape"]), jnp.float32)
     t = jnp.ones((1,), jnp.int32)
-    args = (x, t) if config["model"] == "classifier" else (x, t, jnp.zeros((1,), jnp.int32))
+    args = {"classifier": (x, t), "eval_classifier": (x,)}.get(config["model"], (x, t, jnp.zeros((1,), jnp.int32)))
     return model.init(jax.random.key(seed), *args)
 
 

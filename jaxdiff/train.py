@@ -102,6 +102,24 @@ def classifier_loss(apply_fn, schedule: Schedule):
     return loss_fn
 
 
+def clean_classifier_loss(apply_fn, augment_shift: int = 2):
+    """Cross-entropy on clean images, each shifted by up to ``augment_shift`` pixels at random
+    (wrapping), for the evaluation classifier."""
+
+    def loss_fn(params, x_uint8, y, key, offset):
+        x0 = to_float(x_uint8)
+
+        def shift(k, img):
+            dy, dx = jax.random.randint(k, (2,), -augment_shift, augment_shift + 1)
+            return jnp.roll(img, (dy, dx), axis=(0, 1))
+
+        x0 = jax.vmap(shift)(_per_example_keys(key, x0.shape[0], offset), x0)
+        logits = apply_fn(params, x0)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y))
+
+    return loss_fn
+
+
 def make_train_step(loss_fn, tx: optax.GradientTransformation, ema_decay: float, axis_name: str | None = None):
     """One pure optimisation step. With ``axis_name``, the per-device step of a data-parallel run:
     gradients and loss are averaged over that axis with ``lax.pmean``."""

@@ -81,7 +81,8 @@ def test_missing_data_exits_2_with_where_to_put_it(tmp_path):
     assert "train-images-idx3-ubyte.gz" in res.stderr and "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("bad", [["--gammas", "1,nan"], ["--steps", "0"], ["--channels", "8,x"], ["--p-uncond", "1.5"]])
+@pytest.mark.parametrize("bad", [["--gammas", "1,nan"], ["--steps", "0"], ["--channels", "8,x"], ["--p-uncond", "1.5"],
+                                 ["--attention-levels", "3"]])
 def test_bad_flags_exit_2(bad, tiny_data, tmp_path):
     res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", str(tmp_path), *bad)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
@@ -89,7 +90,24 @@ def test_bad_flags_exit_2(bad, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("module", ["experiments.mnist_cond", "experiments.mnist_classifier_guidance"])
 def test_other_experiments_end_to_end(module, tiny_data, tmp_path):
-    extra = ["--classifier-steps", "2", "--classifier-channels", "8,8,8"] if "classifier" in module else ["--per-label", "2"]
+    extra = (["--classifier-steps", "2", "--classifier-channels", "8,8,8"] if "classifier" in module
+             else ["--per-label", "2", "--attention-levels", "2", "--blocks-per-level", "2"])
     res = run(module, "--data-dir", tiny_data, "--out", str(tmp_path), "--dataset", "fashion_mnist", *TINY, *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.getsize(tmp_path / "samples.png") > 0 and "done:" in res.stdout
+
+
+def test_evaluate_end_to_end(cfg_run, tiny_data, tmp_path):
+    out = tmp_path / "eval"
+    res = run("experiments.evaluate", "--checkpoint", os.path.join(cfg_run[0], "checkpoints"), "--data-dir", tiny_data,
+              "--eval-classifier", str(tmp_path / "judge"), "--out", str(out), "--num-samples", "20", "--gammas", "0,3",
+              "--samplers", "ddim:2,dpm++:2", "--steps", "2", "--batch-size", "8", "--steps-per-dispatch", "2",
+              "--warmup", "1", "--sample-batch", "10")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = open(out / "quality.csv").read().splitlines()
+    assert rows[0] == "guidance,sampler,nfe,gamma,fid,accuracy,seconds" and len(rows) == 5
+    for row in rows[1:]:
+        fid, acc = float(row.split(",")[4]), float(row.split(",")[5])
+        assert fid >= 0 and 0 <= acc <= 1
+    assert "| guidance | sampler | NFE | gamma | FID | accuracy | seconds |" in res.stdout
+    assert os.path.getsize(out / "quality.png") > 0

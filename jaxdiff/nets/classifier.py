@@ -34,3 +34,28 @@ class NoisyClassifier(nn.Module):
         if features:
             return h
         return nn.Dense(self.num_classes, dtype=jnp.float32)(h)
+
+
+class EvalClassifier(nn.Module):
+    """A clean-image classifier used only to judge samples (accuracy, and FID in its
+    penultimate ``feature_dim``-d features); never used for guidance."""
+
+    num_classes: int = 10
+    channels: Sequence[int] = (32, 64, 128)
+    feature_dim: int = 128
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, features: bool = False) -> jax.Array:
+        h = x.astype(self.dtype)
+        for level, ch in enumerate(self.channels):
+            for _ in range(2):
+                h = nn.Conv(ch, (3, 3), dtype=self.dtype)(h)
+                h = nn.silu(nn.GroupNorm(num_groups=min(32, ch // 4), dtype=self.dtype)(h))
+            if level < len(self.channels) - 1:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+        h = nn.silu(nn.Dense(self.feature_dim, dtype=jnp.float32)(h))
+        if features:
+            return h
+        return nn.Dense(self.num_classes, dtype=jnp.float32)(h)

@@ -1,0 +1,161 @@
+"""Measure a trained model: FID and class accuracy over guidance scales and samplers.
+
+Protocol (docs/QUALITY.md): an evaluation classifier, trained here on the dataset's training
+split and never used for guidance, judges every sample. FID is the Frechet distance between
+Gaussians fitted to its penultimate features (128-d) of --num-samples generated images
+(labels balanced, 0..9 in turn) and of the whole real test split. The floor is the same
+distance from --num-samples real training images to the test split. Accuracy is the share of
+samples the evaluation classifier assigns to the label that was asked for.
+
+Writes under --out: quality.csv, quality.md (the table), quality.png (accuracy above, FID
+below, against gamma; one line per sampler, in the table's order), and the evaluation
+classifier in --eval-classifier (trained once, then reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from experiments.png import line_plot, write_png
+from jaxdiff import data, metrics
+from jaxdiff.checkpoint import Checkpoints
+from jaxdiff.pipeline import Pipeline, load_model
+
+SAMPLER_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20}
+
+
+def parse_samplers(s: str):
+    out = []
+    for item in s.split(","):
+        name, _, steps = item.partition(":")
+        if name not in SAMPLER_STEPS or (steps and not steps.isdigit()):
+            raise argparse.ArgumentTypeError(f"samplers look like ddpm,ddim:50,dpm++:20; got {item!r}")
+        out.append((name, int(steps) if steps else (SAMPLER_STEPS[name] or 1000)))
+    return out
+
+
+def batched(fn, x, batch=1000):
+    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
+
+
+def eval_classifier(args, train_images, train_labels):
+    """Load the evaluation classifier from --eval-classifier, or train it there first."""
+    ckpt_dir = os.path.join(args.eval_classifier, "checkpoints")
+    if not (os.path.isdir(ckpt_dir) and Checkpoints(ckpt_dir).latest_step() is not None):
+        os.makedirs(args.eval_classifier, exist_ok=True)
+        train_args = argparse.Namespace(**{**vars(args), "split": "train", "out": args.eval_classifier, "resume": False})
+        common.train_model(train_args, train_images, train_labels, args.eval_classifier, model="eval_classifier",
+                           num_classes=data.NUM_CLASSES[args.dataset], channels=(32, 64, 128), label="eval classifier")
+    net, params, config = load_model(ckpt_dir, expect="eval_classifier")
+    if config["dataset"] != args.dataset:
+        common.fail(f"{args.eval_classifier} judges {config['dataset']}, not {args.dataset}")
+    logits = jax.jit(lambda x: net.apply(params, data.to_float(x)))
+    feats = jax.jit(lambda x: net.apply(params, data.to_float(x), features=True))
+    return logits, feats
+
+
+def main(argv=None):
+    p = common.parser(__doc__, steps=3000, batch_size=256, out="runs/evaluate")
+    p.set_defaults(split="train")
+    p.add_argument("--checkpoint", help="checkpoints/ of a classifier-free-guidance U-Net (mnist_cfg)")
+    p.add_argument("--classifier-guidance", help="--out of mnist_classifier_guidance (unet/ and classifier/)")
+    p.add_argument("--eval-classifier", help="folder of the evaluation classifier (default runs/eval_<dataset>)")
+    p.add_argument("--num-samples", type=common.positive_int, default=10_000, help="generated samples per table cell")
+    p.add_argument("--gammas", type=common.finite_floats, default=[0.0, 1.0, 2.0, 3.0, 5.0, 7.5])
+    p.add_argument("--samplers", type=parse_samplers, default=parse_samplers("ddpm,ddim:50,dpm++:20,dpm++:10"))
+    p.add_argument("--ddpm-gammas", type=common.finite_floats, default=None, help="gammas for DDPM (default: all; it costs 1000 NFE)")
+    p.add_argument("--cg-scales", type=common.finite_floats, default=[0.0, 1.0, 3.0, 5.0, 10.0], help="classifier guidance scales")
+    p.add_argument("--sample-batch", type=common.positive_int, default=5000, help="images generated per device call")
+    args = p.parse_args(argv)
+    if not args.checkpoint and not args.classifier_guidance:
+        common.fail("nothing to evaluate: pass --checkpoint and/or --classifier-guidance")
+    args.eval_classifier = args.eval_classifier or os.path.join("runs", f"eval_{args.dataset}")
+    os.makedirs(args.out, exist_ok=True)
+
+    train_images, train_labels = common.load_data(args)
+    test_images, test_labels = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
+    logits, feats = eval_classifier(args, train_images, train_labels)
+    test_acc = float(np.mean(batched(logits, test_images).argmax(-1) == test_labels))
+    test_feats = batched(feats, test_images)
+    ref = metrics.feature_stats(test_feats)
+    n_floor = min(args.num_samples, len(train_images))
+    floor_idx = np.random.default_rng(args.seed).choice(len(train_images), n_floor, replace=False)
+    floor = metrics.frechet_distance(*metrics.feature_stats(batched(feats, train_images[floor_idx])), *ref)
+    print(f"evaluation classifier: test accuracy {test_acc:.4f}; FID floor (real train {n_floor} vs test "
+          f"{len(test_images)}) {floor:.3f}", file=sys.stderr)
+
+    rows = []
+    n = args.num_samples
+    labels = np.arange(n) % data.NUM_CLASSES[args.dataset]
+
+    def measure(kind, pipe, sampler, steps, gamma):
+        chunk = min(args.sample_batch, n)
+        pipe(labels[:chunk], gamma=gamma, sampler=sampler, steps=steps, seed=args.seed)  # compile, untimed
+        t0 = time.perf_counter()
+        imgs = np.concatenate([pipe(labels[i : i + chunk], gamma=gamma, sampler=sampler, steps=steps, seed=args.seed + i)
+                               for i in range(0, n, chunk)])
+        seconds = time.perf_counter() - t0
+        acc = float(np.mean(batched(logits, imgs).argmax(-1) == labels[: len(imgs)]))
+        fid = metrics.frechet_distance(*metrics.feature_stats(batched(feats, imgs)), *ref)
+        nfe = pipe.schedule.num_timesteps if sampler == "ddpm" else steps
+        rows.append(dict(guidance=kind, sampler=sampler, nfe=nfe, gamma=gamma, fid=fid, accuracy=acc, seconds=seconds))
+        write_csv(args, rows)  # after every cell, so a run cut short keeps what it measured
+        print(f"{kind:<10}{sampler:>7}{nfe:>6}{gamma:>7.2f}{fid:>10.3f}{acc:>10.4f}{seconds:>9.1f}", file=sys.stderr)
+
+    print(f"{'guidance':<10}{'sampler':>7}{'NFE':>6}{'gamma':>7}{'FID':>10}{'accuracy':>10}{'seconds':>9}", file=sys.stderr)
+    if args.checkpoint:
+        pipe = Pipeline.from_checkpoint(args.checkpoint, dtype=common.compute_dtype(args.dtype))
+        for sampler, steps in args.samplers:
+            gammas = args.ddpm_gammas if (sampler == "ddpm" and args.ddpm_gammas is not None) else args.gammas
+            for gamma in gammas:
+                measure("cfg", pipe, sampler, steps, gamma)
+    if args.classifier_guidance:
+        d = args.classifier_guidance
+        pipe = Pipeline.from_checkpoint(os.path.join(d, "unet", "checkpoints"), dtype=common.compute_dtype(args.dtype),
+                                        classifier_directory=os.path.join(d, "classifier", "checkpoints"))
+        sampler, steps = args.samplers[-1] if args.samplers[-1][0] != "ddpm" else ("dpm++", 20)
+        for scale in args.cg_scales:
+            measure("classifier", pipe, sampler, steps, scale)
+
+    write_outputs(args, rows, test_acc, floor, n_floor, len(test_images))
+
+
+def write_csv(args, rows):
+    with open(os.path.join(args.out, "quality.csv"), "w") as f:
+        f.write("guidance,sampler,nfe,gamma,fid,accuracy,seconds\n")
+        f.writelines(f"{r['guidance']},{r['sampler']},{r['nfe']},{r['gamma']},{r['fid']:.4f},{r['accuracy']:.4f},{r['seconds']:.2f}\n"
+                     for r in rows)
+
+
+def write_outputs(args, rows, test_acc, floor, n_floor, n_test):
+    write_csv(args, rows)
+    lines = [f"Dataset {args.dataset}; evaluation classifier test accuracy {test_acc:.4f}; FID floor "
+             f"(real train {n_floor} vs real test {n_test}) {floor:.3f}; {args.num_samples} samples per row; "
+             f"{jax.device_count()} x {jax.devices()[0].device_kind}.", "",
+             "| guidance | sampler | NFE | gamma | FID | accuracy | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['guidance']} | {r['sampler']} | {r['nfe']} | {r['gamma']:g} | {r['fid']:.3f} | {r['accuracy']:.4f} | "
+              f"{r['seconds']:.1f} |" for r in rows]
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    # accuracy (top) and FID (bottom) against gamma, one bare line per (guidance, sampler, NFE)
+    panels = []
+    for key in dict.fromkeys((r["guidance"], r["sampler"], r["nfe"]) for r in rows):
+        series = sorted((r["gamma"], r["accuracy"], r["fid"]) for r in rows if (r["guidance"], r["sampler"], r["nfe"]) == key)
+        if len(series) > 1:
+            panels.append(np.concatenate([line_plot([s[1] for s in series], 320, 120, log=False),
+                                          line_plot([s[2] for s in series], 320, 120)], axis=0))
+    if panels:
+        write_png(os.path.join(args.out, "quality.png"), np.concatenate(panels, axis=1))
+
+
+if __name__ == "__main__":
+    main()
