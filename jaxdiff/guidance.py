@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.schedules import Schedule, expand_to
 
@@ -20,14 +21,18 @@ EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _check_gamma(gamma) -> None:
-    """Reject a non-finite guidance weight when it is known on the host; traced values pass."""
+    """Reject a non-finite guidance weight when it is known on the host; traced values pass.
+
+    The check runs in NumPy, so a Python number passed while tracing (inside ``jit``) is
+    checked too, without creating a traced boolean.
+    """
     if isinstance(gamma, jax.core.Tracer):
         return
     try:
-        finite = bool(jnp.all(jnp.isfinite(jnp.asarray(gamma))))
-    except TypeError as err:
+        values = np.asarray(gamma, dtype=np.float64)
+    except (TypeError, ValueError) as err:
         raise ValueError(f"gamma must be a number or an array of numbers, got {gamma!r}") from err
-    if not finite:
+    if not np.all(np.isfinite(values)):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
 
 

@@ -49,9 +49,11 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state. It holds copies of ``params``: the data-parallel step donates its state,
+    which must not take the caller's arrays with it."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
+        params=jax.tree.map(jnp.copy, params),
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params),
         key=jax.random.PRNGKey(seed),

@@ -155,3 +155,14 @@ def test_non_finite_gamma_is_refused(mixture2d, linear_schedule, gamma):
         guidance.cfg(mixture2d.cond_eps_fn(linear_schedule), jnp.array([0, 1]), 3, gamma)
     with pytest.raises(ValueError, match="gamma"):
         guidance.classifier_guidance(lambda x, t: x, lambda x, t, y: x[:, 0], jnp.array([0]), gamma, linear_schedule)
+
+
+def test_guidance_with_a_python_gamma_inside_jit(mixture2d, linear_schedule):
+    """A constant gamma written into jitted code is checked on the host, not traced."""
+    exact = mixture2d.cond_eps_fn(linear_schedule)
+    x, t, y = points(4), times(4), jnp.array([0, 1, 2, 0])
+    f = jax.jit(lambda x, t: guidance.cfg(exact, y, mixture2d.null_label, 3.0)(x, t))
+    np.testing.assert_allclose(f(x, t), guidance.cfg(exact, y, mixture2d.null_label, 3.0)(x, t), rtol=1e-5, atol=1e-6)
+    log_prob = mixture2d.classifier_log_prob(linear_schedule)
+    g = jax.jit(lambda x, t: guidance.classifier_guidance(mixture2d.eps_fn(linear_schedule), log_prob, y, 2.0, linear_schedule)(x, t))
+    assert np.all(np.isfinite(np.asarray(g(x, t))))

@@ -1,0 +1,216 @@
+"""Training and sampling speed of jaxdiff's U-Net, beside a PyTorch twin, in one process.
+
+    python -m benchmarks.speed --out docs/speed.md            # GPU: the full table
+    python -m benchmarks.speed --tiny                          # CPU smoke run
+
+Measures, on whatever device JAX sees: training images/s at each --train-batches (the
+default mnist_cfg U-Net, bf16 compute on GPU, several steps per dispatch, data already on the
+device), 1000-step CFG DDPM sampling images/s at each --sample-batches, the model's FLOPs per
+image (XLA's count of the compiled forward pass and train step), the measured bf16 matrix
+rate and the fraction of it training reaches, data-parallel scaling when there are several
+devices, and the same training and sampling in PyTorch (eager float32, and bf16 autocast +
+channels-last + torch.compile(mode="reduce-overhead")) when torch is installed. Ratios
+are jaxdiff over PyTorch, measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import guidance, sampling, schedules, train
+from jaxdiff.nets.unet import UNet
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall seconds of fn() after one warm-up call; fn must block until done."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_rate(n: int) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    sec = timed(lambda: f(a, b).block_until_ready(), 10)
+    return 2 * n**3 / sec
+
+
+def flops(lowered) -> float:
+    """XLA's FLOP count of a lowered (not yet compiled) program. After compilation on GPU the
+    convolutions become cuDNN custom calls that the count leaves out, so count before."""
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+class JaxBench:
+    def __init__(self, args, dtype):
+        self.args, self.dtype = args, dtype
+        self.model = UNet(channels=args.channels, dtype=dtype)
+        self.sched = schedules.linear(args.timesteps)
+        x = jnp.zeros((1, 28, 28, 1))
+        self.params = UNet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+        self.tx = train.make_optimizer(train.OptimConfig())
+        self.loss = train.diffusion_loss(self.model.apply, self.sched, p_uncond=0.1, null_label=10)
+
+    def train_rate(self, batch: int, devices) -> tuple[float, float]:
+        """(images/s, train FLOPs per image) at global ``batch`` over ``devices``."""
+        mesh = train.make_mesh(devices)
+        k = self.args.steps_per_dispatch
+        step = train.data_parallel(self.loss, self.tx, 0.999, mesh)
+        rng = np.random.default_rng(0)
+        xs = rng.integers(0, 256, (k, batch, 28, 28, 1), dtype=np.uint8)
+        ys = rng.integers(0, 10, (k, batch)).astype(np.int32)
+        data = train.shard_batches((xs, ys), mesh)
+        state = [train.replicate(train.init_state(self.params, self.tx, 0), mesh)]
+        # XLA counts a scan's body once, so count one unscanned step
+        one = jax.jit(train.make_train_step(self.loss, self.tx, 0.999))
+        fl = flops(one.lower(state[0], (xs[0], ys[0]))) / batch
+
+        def run():
+            state[0], m = step(state[0], data)
+            m["loss"].block_until_ready()
+
+        sec = timed(run, self.args.repeats)
+        return k * batch / sec, fl
+
+    def forward_flops(self) -> float:
+        b = 64
+        x, t, y = jnp.zeros((b, 28, 28, 1)), jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32)
+        return flops(jax.jit(self.model.apply).lower(self.params, x, t, y)) / b
+
+    def sample_rate(self, batch: int) -> float:
+        model = self.model
+
+        @jax.jit
+        def generate(params, labels, key):
+            eps = guidance.cfg(lambda x, t, y: model.apply(params, x, t, y), labels, 10, 3.0)
+            k1, k2 = jax.random.split(key)
+            return sampling.ddpm(eps, self.sched, jax.random.normal(k1, (labels.shape[0], 28, 28, 1)), k2)
+
+        labels = jnp.arange(batch) % 10
+        sec = timed(lambda: generate(self.params, labels, jax.random.key(1)).block_until_ready(), self.args.sample_repeats)
+        return batch / sec
+
+
+def torch_rows(args, jax_train, jax_sample):
+    try:
+        import torch
+
+        from benchmarks import torch_twin
+    except ImportError:
+        print("torch not installed: PyTorch twin skipped", file=sys.stderr)
+        return []
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variants = [("torch eager f32", False, False)]
+    if dev.type == "cuda" or args.torch_compile_on_cpu:
+        variants.append(("torch bf16+CL+compile", True, True))
+    rows = []
+    for name, bf16, fast in variants:
+        torch.manual_seed(0)
+        model = torch_twin.UNet(channels=args.channels).to(dev)
+        if fast:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        net = torch.compile(model, mode="reduce-overhead") if fast else model
+        step = torch_twin.make_train_step(net, opt, args.timesteps, bf16=bf16)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        for batch in args.train_batches:
+            x = torch.randn(batch, 1, 28, 28, device=dev)
+            if fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (batch,), device=dev)
+
+            def run():
+                for _ in range(args.steps_per_dispatch):
+                    step(x, y)
+                sync()
+
+            run()  # compile and warm up
+            rate = args.steps_per_dispatch * batch / timed(run, args.repeats)
+            rows.append((name, "train", batch, rate, jax_train[batch] / rate))
+        net.eval()
+        for batch in args.sample_batches:
+            labels = torch.arange(batch, device=dev) % 10
+
+            def gen():
+                torch_twin.cfg_ddpm_sample(net, labels, 3.0, args.timesteps, bf16=bf16, channels_last=fast)
+                sync()
+
+            rate = batch / timed(gen, args.sample_repeats)
+            rows.append((name, "sample", batch, rate, jax_sample[batch] / rate))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(v) for v in s.split(",")]
+    p.add_argument("--train-batches", type=ints, default=[128, 512])
+    p.add_argument("--sample-batches", type=ints, default=[20, 1000])
+    p.add_argument("--channels", type=lambda s: tuple(ints(s)), default=(64, 128, 256))
+    p.add_argument("--timesteps", type=int, default=1000, help="T of the schedule, so sampling runs T steps")
+    p.add_argument("--steps-per-dispatch", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sample-repeats", type=int, default=2)
+    p.add_argument("--matmul-size", type=int, default=8192)
+    p.add_argument("--torch", choices=["auto", "off"], default="auto")
+    p.add_argument("--torch-compile-on-cpu", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke configuration")
+    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.train_batches, args.sample_batches, args.channels = [8], [2], (8, 16, 32)
+        args.timesteps, args.steps_per_dispatch, args.repeats, args.sample_repeats, args.matmul_size = 5, 2, 1, 1, 256
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    jb = JaxBench(args, dtype)
+    rows, info = [], []
+    jax_train, jax_sample = {}, {}
+    rate = matmul_rate(args.matmul_size)
+    fwd = jb.forward_flops()
+    info.append(f"bf16 matmul {args.matmul_size}^3: {rate / 1e12:.1f} TFLOP/s measured")
+    info.append(f"U-Net forward: {fwd / 1e9:.3f} GFLOP per image (XLA cost analysis of the lowered program)")
+    for b in args.train_batches:
+        jax_train[b], train_fl = jb.train_rate(b, jax.local_devices()[:1])
+        rows.append(("jaxdiff", "train", b, jax_train[b], 1.0))
+        info.append(f"train step at batch {b}: {train_fl / 1e9:.3f} GFLOP per image; "
+                    f"{jax_train[b] * train_fl / rate:.1%} of the measured bf16 matmul rate")
+    for b in args.sample_batches:
+        jax_sample[b] = jb.sample_rate(b)
+        rows.append(("jaxdiff", "sample", b, jax_sample[b], 1.0))
+    n = jax.local_device_count()
+    if n > 1:
+        per = args.train_batches[-1]
+        one, _ = jb.train_rate(per, jax.local_devices()[:1])
+        alln, _ = jb.train_rate(per * n, jax.local_devices())
+        info.append(f"data parallel, per-device batch {per}: 1 device {one:,.0f} img/s, {n} devices {alln:,.0f} img/s, "
+                    f"speed-up {alln / one:.2f}x")
+    if args.torch == "auto":
+        rows += torch_rows(args, jax_train, jax_sample)
+
+    header = (f"{jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}; python "
+              f"{platform.python_version()}; T = {args.timesteps}; U-Net channels {args.channels}; "
+              f"jaxdiff compute {jnp.dtype(dtype).name}")
+    lines = [header, "", "| implementation | work | batch | images/s | jaxdiff / this |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:,.1f} | {r[4]:.2f} |" for r in rows]
+    lines += [""] + [f"- {s}" for s in info]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
