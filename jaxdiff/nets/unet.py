@@ -19,12 +19,17 @@ class UNet(nn.Module):
     ``num_classes = 0`` gives an unconditional model (every label is the null one).
     Defaults follow the textbook: channels 64/128/256, one block per level, no attention.
     Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on GPU/TPU).
+
+    With ``cross_attention_levels``, ``context`` (B, L, D) tokens (a text encoder's output) and
+    their ``context_mask`` (B, L) enter through cross-attention at those levels, as in Stable
+    Diffusion's U-Net; queries come from the image features.
     """
 
     num_classes: int = 10
     channels: Sequence[int] = (64, 128, 256)
     blocks_per_level: int = 1
     attention_levels: Sequence[int] = ()
+    cross_attention_levels: Sequence[int] = ()
     num_heads: int = 4
     cond_dim: int = 256
     residual: bool = True
@@ -32,7 +37,10 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
+                 context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
+        if self.cross_attention_levels and context is None:
+            raise ValueError("this U-Net has cross-attention levels: pass context (B, L, D)")
         if y is None:
             y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
         temb = sinusoidal_embedding(t, self.cond_dim)
@@ -45,8 +53,7 @@ class UNet(nn.Module):
         for level, ch in enumerate(self.channels):
             for _ in range(self.blocks_per_level):
                 h = ConvBlock(ch, self.residual, self.dtype)(h, cond)
-            if level in self.attention_levels:
-                h = Attention(self.num_heads, self.dtype)(h)
+            h = self._attend(h, level, context, context_mask)
             if level < len(self.channels) - 1:
                 skips.append(h)
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
@@ -56,7 +63,13 @@ class UNet(nn.Module):
             h = jnp.concatenate([h, skip], axis=-1)
             for _ in range(self.blocks_per_level):
                 h = ConvBlock(self.channels[level], self.residual, self.dtype)(h, cond)
-            if level in self.attention_levels:
-                h = Attention(self.num_heads, self.dtype)(h)
+            h = self._attend(h, level, context, context_mask)
         out = nn.Conv(self.out_channels or x.shape[-1], (1, 1), dtype=jnp.float32)(h.astype(jnp.float32))
         return out
+
+    def _attend(self, h, level, context, context_mask):
+        if level in self.attention_levels:
+            h = Attention(self.num_heads, self.dtype)(h)
+        if level in self.cross_attention_levels:
+            h = Attention(self.num_heads, self.dtype)(h, context, context_mask)
+        return h
