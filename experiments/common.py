@@ -129,7 +129,7 @@ class Progress:
             print(file=sys.stderr)
 
 
-def run_training(args, config: dict, model, params, loss_fn, images, labels, out_dir: str, label: str):
+def run_training(args, config: dict, params, loss_fn, images, labels, out_dir: str, label: str):
     """Train with checkpoints and resume; returns (state, seconds, images/s after the first dispatch)."""
     devices = jax.local_devices()
     if args.devices:
@@ -181,6 +181,7 @@ def run_training(args, config: dict, model, params, loss_fn, images, labels, out
     ckpt.wait()
     ckpt.close()
     seconds = time.perf_counter() - t0
+    # nan when the run had a single dispatch: no throughput apart from the compile
     rate = warm_images / max(time.perf_counter() - warm_t, 1e-9) if warm_t and warm_images else float("nan")
     if int(state.skipped):
         print(f"warning: {int(state.skipped)} updates skipped for non-finite loss or gradients", file=sys.stderr)
@@ -240,7 +241,7 @@ def train_model(args, images, labels, out_dir: str, *, model: str, num_classes: 
     print(f"{args.dataset}/{args.split}: {len(images)} images; {model} {tuple(config['channels'])}, "
           f"{sum(a.size for a in jax.tree.leaves(params)):,} parameters, {jnp.dtype(dtype).name} compute, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}", file=sys.stderr)
-    state, seconds, rate = run_training(args, config, net, params, loss_fn, images, labels, out_dir, label)
+    state, seconds, rate = run_training(args, config, params, loss_fn, images, labels, out_dir, label)
     return config, net, state, schedule, seconds, rate
 
 

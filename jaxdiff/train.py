@@ -65,22 +65,32 @@ def _per_example_keys(key, n, offset):
     return jax.vmap(jax.random.fold_in, (None, 0))(key, offset + jnp.arange(n))
 
 
-def diffusion_loss(apply_fn, schedule: Schedule, *, p_uncond: float, null_label: int):
+def _pixels_and_labels(x_uint8, y, keys):
+    return to_float(x_uint8), y
+
+
+def diffusion_loss(apply_fn, schedule: Schedule, *, p_uncond: float, null_label: int, prepare=None):
     """The textbook's eps-MSE, with each label dropped to the null label with probability p_uncond
-    (per example, as the CFG paper does). Returns ``loss_fn(params, x_uint8, y, key, offset)``."""
+    (per example, as the CFG paper does). Returns ``loss_fn(params, x_uint8, y, key, offset)``.
+
+    ``prepare(x_uint8, y_after_dropout, keys) -> (x0, cond)`` says what is diffused and what
+    conditions it; by default the pixels in [-1, 1] and the labels. Latent diffusion passes
+    one that encodes images to latents and labels to caption tokens.
+    """
     T = schedule.num_timesteps
+    prepare = prepare or _pixels_and_labels
 
     def loss_fn(params, x_uint8, y, key, offset):
-        x0 = to_float(x_uint8)
+        keys = _per_example_keys(key, x_uint8.shape[0], offset)
+        drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), p_uncond))(keys)
+        x0, cond = prepare(x_uint8, jnp.where(drop, null_label, y), jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys))
 
         def draw(k):
-            kt, kn, kd = jax.random.split(k, 3)
-            return (jax.random.randint(kt, (), 1, T + 1), jax.random.normal(kn, x0.shape[1:]),
-                    jax.random.bernoulli(kd, p_uncond))
+            kt, kn = jax.random.split(k)
+            return jax.random.randint(kt, (), 1, T + 1), jax.random.normal(kn, x0.shape[1:])
 
-        t, noise, drop = jax.vmap(draw)(_per_example_keys(key, x0.shape[0], offset))
-        y_in = jnp.where(drop, null_label, y)
-        eps = apply_fn(params, add_noise(schedule, x0, t, noise), t, y_in)
+        t, noise = jax.vmap(draw)(keys)
+        eps = apply_fn(params, add_noise(schedule, x0, t, noise), t, cond)
         return jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
 
     return loss_fn

@@ -111,3 +111,14 @@ def test_evaluate_end_to_end(cfg_run, tiny_data, tmp_path):
         assert fid >= 0 and 0 <= acc <= 1
     assert "| guidance | sampler | NFE | gamma | FID | accuracy | seconds |" in res.stdout
     assert os.path.getsize(out / "quality.png") > 0
+
+
+def test_text_to_image_end_to_end(tiny_data, tmp_path):
+    res = run("experiments.mnist_text2img", "--data-dir", tiny_data, "--out", str(tmp_path), "--steps", "2",
+              "--ae-steps", "2", "--clip-steps", "2", "--batch-size", "8", "--steps-per-dispatch", "2",
+              "--save-every", "2", "--sample-steps", "2", "--per-prompt", "2", "--channels", "8,16", "--warmup", "1",
+              "--prompt", "a handwritten 3", "--prompt", "zebra", "--negative-prompt", "the digit 8", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "zero-shot accuracy" in res.stderr and "reconstruction MSE" in res.stderr and "done:" in res.stdout
+    for name in ["prompts.png", "classes.png", "autoencoder/loss.csv", "clip/loss.csv", "ldm/loss.csv"]:
+        assert os.path.getsize(tmp_path / name) > 0, name

@@ -46,6 +46,12 @@ def test_clip_loss_against_float64_numpy():
 
     expected = 0.5 * (ce(lg) + ce(lg.T))
     assert abs(float(clip_loss(jnp.asarray(a), jnp.asarray(b), scale)) - expected) < 1e-5
+    # with groups, same-group pairs share the target: here groups {0,1,2},{3,4,5}
+    g = np.array([0, 0, 0, 1, 1, 1])
+    tgt = (g[:, None] == g[None, :]) / 3.0
+    ls = lambda m: m - m.max(1, keepdims=True) - np.log(np.exp(m - m.max(1, keepdims=True)).sum(1, keepdims=True))
+    expected_g = 0.5 * (-np.mean((tgt * ls(lg)).sum(1)) - np.mean((tgt * ls(lg.T)).sum(1)))
+    assert abs(float(clip_loss(jnp.asarray(a), jnp.asarray(b), scale, jnp.asarray(g))) - expected_g) < 1e-5
     # aligned pairs score far lower than shuffled ones
     assert float(clip_loss(jnp.asarray(a), jnp.asarray(a), 3.0)) < float(clip_loss(jnp.asarray(a), jnp.asarray(b), 3.0))
 

@@ -110,12 +110,19 @@ class ImageEncoder(nn.Module):
         return nn.Dense(self.embed_dim, use_bias=False)(h)
 
 
-def clip_loss(image_emb, text_emb, logit_scale):
+def clip_loss(image_emb, text_emb, logit_scale, groups=None):
     """Symmetric InfoNCE: cross-entropy of image->text and text->image over cosine similarities
-    times exp(logit_scale); matching pairs share a row index."""
+    times exp(logit_scale); matching pairs share a row index.
+
+    With ``groups`` (B,), every pair in the same group is a positive, with the target mass
+    split evenly among them: captions made from labels repeat within a batch, and calling
+    a same-class caption a negative would teach the encoders to separate identical meanings.
+    """
     img = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
     txt = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
     logits = jnp.exp(logit_scale) * img @ txt.T
-    labels = jnp.arange(logits.shape[0])
-    ce = lambda lg: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), labels[:, None], axis=-1))
+    n = logits.shape[0]
+    same = jnp.eye(n) if groups is None else (groups[:, None] == groups[None, :]).astype(logits.dtype)
+    targets = same / jnp.sum(same, axis=-1, keepdims=True)
+    ce = lambda lg: -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(lg, axis=-1), axis=-1))
     return 0.5 * (ce(logits) + ce(logits.T))
