@@ -122,3 +122,22 @@ def test_text_to_image_end_to_end(tiny_data, tmp_path):
     assert "zero-shot accuracy" in res.stderr and "reconstruction MSE" in res.stderr and "done:" in res.stdout
     for name in ["prompts.png", "classes.png", "autoencoder/loss.csv", "clip/loss.csv", "ldm/loss.csv"]:
         assert os.path.getsize(tmp_path / name) > 0, name
+
+
+def test_superres_end_to_end(tiny_data, tmp_path):
+    res = run("experiments.mnist_superres", "--data-dir", tiny_data, "--out", str(tmp_path), *TINY, "--eval-images", "6",
+              "--rows", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "PSNR vs real 28x28" in res.stderr and "done:" in res.stdout
+    assert os.path.getsize(tmp_path / "superres.png") > 0
+
+
+def test_superres_helpers_against_numpy():
+    import jax.numpy as jnp
+
+    from experiments.mnist_superres import downsample, psnr
+
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1))
+    np.testing.assert_allclose(downsample(jnp.asarray(x)), x.reshape(2, 14, 2, 14, 2, 1).mean((2, 4)), rtol=1e-6)
+    y = x + 0.1
+    np.testing.assert_allclose(psnr(x, y), 10 * np.log10(4 / 0.01), rtol=1e-9)
