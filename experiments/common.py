@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse  # noqa: F401  (experiments build Namespaces through it)
+import argparse
 import csv
 import math
 import os

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import common

@@ -11,6 +11,7 @@ checkpoints/ under --out.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -48,7 +49,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     images, labels = common.load_data(args)
-    test_images, _ = common.load_data(common.argparse.Namespace(**{**vars(args), "split": "test"}))
+    test_images, _ = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
     channels = common.parse_channels(args.channels)
     sched = schedules.linear(1000)
     net = UNet(num_classes=0, channels=channels, out_channels=1, dtype=common.compute_dtype(args.dtype))

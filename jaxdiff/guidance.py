@@ -7,7 +7,6 @@ sees a sampler, and samplers never see conditions.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax

@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ on the same global batch draws exactly what the single-device step draws.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,6 @@ def test_gaussian_kl_against_numpy_closed_form():
 
 def test_autoencoder_learns_to_reconstruct_a_batch():
     ae = Autoencoder(channels=(8, 16, 16))
-    rng = np.random.default_rng(0)
     x = np.zeros((8, 28, 28, 1), np.uint8)
     for i in range(8):  # simple shapes with structure to compress
         x[i, 4 + i : 20 + i // 2, 6:22 - i] = 255
