@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments import common
 from jaxdiff import data
-from jaxdiff.pipeline import Pipeline, nfe
+from jaxdiff.pipeline import Pipeline, load_model, nfe
 
 
 def main(argv=None):
@@ -29,6 +29,10 @@ def main(argv=None):
     p.add_argument("--gammas", type=common.finite_floats, default=[0.0, 1.0, 2.0, 3.0, 5.0], help="guidance scales for samples.png")
     p.add_argument("--gamma", type=float, default=3.0, help="guidance scale for the per-label grid")
     p.add_argument("--per-label", type=common.positive_int, default=10, help="samples per label in the per-label grid")
+    p.add_argument("--eval-classifier", default=None,
+                   help="folder of an evaluation classifier (experiments.evaluate makes one): report the class accuracy "
+                        "of --eval-samples samples at --gamma")
+    p.add_argument("--eval-samples", type=common.positive_int, default=1000)
     args = p.parse_args(argv)
     if not math.isfinite(args.gamma):
         common.fail(f"--gamma must be finite, got {args.gamma}")
@@ -54,9 +58,18 @@ def main(argv=None):
                steps=args.sample_steps, seed=args.seed + 1)
     common.save_grid(os.path.join(args.out, "negative.png"), neg, num_classes, args.per_label)
     sample_s = time.perf_counter() - t0
+    accuracy = ""
+    if args.eval_classifier:
+        net, judge, judge_cfg = load_model(os.path.join(args.eval_classifier, "checkpoints"), expect="eval_classifier")
+        if judge_cfg["dataset"] != args.dataset:
+            common.fail(f"{args.eval_classifier} judges {judge_cfg['dataset']}, not {args.dataset}")
+        asked = np.arange(args.eval_samples) % num_classes
+        imgs = pipe(asked, gamma=args.gamma, sampler=args.sampler, steps=args.sample_steps, seed=args.seed + 2)
+        said = np.asarray(net.apply(judge, data.to_float(imgs))).argmax(-1)
+        accuracy = f"class accuracy {np.mean(said == asked):.4f} ({args.eval_samples} samples, gamma {args.gamma:g}), "
     print(f"done: {args.steps} steps in {train_s:.1f}s ({rate:,.0f} img/s after compile), sampling "
           f"{sample_s:.1f}s ({args.sampler}, {nfe(args.sampler, args.sample_steps, schedule)} NFE), "
-          f"final loss {common.final_loss(args.out):.4f}, "
+          f"{accuracy}final loss {common.final_loss(args.out):.4f}, "
           f"skipped {int(state.skipped)}; outputs in {args.out}")
 
 

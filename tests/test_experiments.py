@@ -111,6 +111,11 @@ def test_evaluate_end_to_end(cfg_run, tiny_data, tmp_path):
         assert fid >= 0 and 0 <= acc <= 1
     assert "| guidance | sampler | NFE | gamma | FID | accuracy | seconds |" in res.stdout
     assert os.path.getsize(out / "quality.png") > 0
+    # the same judge reports the class accuracy of the main job's samples
+    res = run("experiments.mnist_cfg", "--data-dir", tiny_data, "--out", cfg_run[0], "--resume", "--per-label", "1",
+              "--eval-classifier", str(tmp_path / "judge"), "--eval-samples", "10", *[a if a != "4" else "6" for a in TINY])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "class accuracy" in res.stdout
 
 
 def test_text_to_image_end_to_end(tiny_data, tmp_path):
