@@ -31,9 +31,11 @@ class Schedule:
         return self.betas.shape[0]
 
     def alpha_bar(self, t: jax.Array) -> jax.Array:
-        """abar_t for integer t in 0..T (abar_0 = 1)."""
-        padded = jnp.concatenate([jnp.ones((1,), self.alpha_bars.dtype), self.alpha_bars])
-        return padded[t]
+        """abar_t for integer t in 0..T (abar_0 = 1).
+
+        A gather and a select, no new array: samplers call this inside every scan step."""
+        t = jnp.asarray(t)
+        return jnp.where(t > 0, self.alpha_bars[jnp.maximum(t - 1, 0)], jnp.ones((), self.alpha_bars.dtype))
 
 
 def from_betas(betas, kind: str = "custom") -> Schedule:
