@@ -16,7 +16,7 @@ import numpy as np
 from experiments.png import grid, line_plot, upscale, write_png
 from jaxdiff import data, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
-from jaxdiff.pipeline import MUST_MATCH, SAMPLERS, init_params, model_from_config, schedule_from_config
+from jaxdiff.pipeline import MUST_MATCH, SAMPLERS, init_params, load_model, model_from_config, schedule_from_config
 
 
 def positive_int(s):
@@ -243,6 +243,32 @@ def train_model(args, images, labels, out_dir: str, *, model: str, num_classes: 
           f"{jax.device_count()} x {jax.devices()[0].device_kind}", file=sys.stderr)
     state, seconds, rate = run_training(args, config, params, loss_fn, images, labels, out_dir, label)
     return config, net, state, schedule, seconds, rate
+
+
+JUDGE_CHANNELS = (32, 64, 128)
+
+
+def judge(args, directory: str, steps: int = 3000):
+    """The evaluation classifier in ``directory``, trained there first (on the real training split of
+    --dataset, ``steps`` steps of batch 256) if it holds none. Returns jitted (logits_fn, features_fn) of uint8 images."""
+    ckpt_dir = os.path.join(directory, "checkpoints")
+    if not (os.path.isdir(ckpt_dir) and Checkpoints(ckpt_dir).latest_step() is not None):
+        os.makedirs(directory, exist_ok=True)
+        train_args = argparse.Namespace(**{**vars(args), "split": "train", "out": directory, "resume": False,
+                                           "steps": steps, "batch_size": min(256, args.batch_size), "lr": 1e-3, "warmup": 200})
+        images, labels = load_data(train_args)
+        train_model(train_args, images, labels, directory, model="eval_classifier",
+                    num_classes=data.NUM_CLASSES[args.dataset], channels=JUDGE_CHANNELS, label="eval classifier")
+    net, params, config = load_model(ckpt_dir, expect="eval_classifier")
+    if config["dataset"] != args.dataset:
+        fail(f"{directory} judges {config['dataset']}, not {args.dataset}")
+    logits = jax.jit(lambda x: net.apply(params, data.to_float(x)))
+    feats = jax.jit(lambda x: net.apply(params, data.to_float(x), features=True))
+    return logits, feats
+
+
+def batched(fn, x, batch: int = 1000) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
 
 
 def final_loss(out_dir: str) -> float:

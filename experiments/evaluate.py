@@ -25,8 +25,7 @@ import numpy as np
 from experiments import common
 from experiments.png import line_plot, write_png
 from jaxdiff import data, metrics
-from jaxdiff.checkpoint import Checkpoints
-from jaxdiff.pipeline import Pipeline, load_model
+from jaxdiff.pipeline import Pipeline
 
 SAMPLER_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20}
 
@@ -39,26 +38,6 @@ def parse_samplers(s: str):
             raise argparse.ArgumentTypeError(f"samplers look like ddpm,ddim:50,dpm++:20; got {item!r}")
         out.append((name, int(steps) if steps else (SAMPLER_STEPS[name] or 1000)))
     return out
-
-
-def batched(fn, x, batch=1000):
-    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
-
-
-def eval_classifier(args, train_images, train_labels):
-    """Load the evaluation classifier from --eval-classifier, or train it there first."""
-    ckpt_dir = os.path.join(args.eval_classifier, "checkpoints")
-    if not (os.path.isdir(ckpt_dir) and Checkpoints(ckpt_dir).latest_step() is not None):
-        os.makedirs(args.eval_classifier, exist_ok=True)
-        train_args = argparse.Namespace(**{**vars(args), "split": "train", "out": args.eval_classifier, "resume": False})
-        common.train_model(train_args, train_images, train_labels, args.eval_classifier, model="eval_classifier",
-                           num_classes=data.NUM_CLASSES[args.dataset], channels=(32, 64, 128), label="eval classifier")
-    net, params, config = load_model(ckpt_dir, expect="eval_classifier")
-    if config["dataset"] != args.dataset:
-        common.fail(f"{args.eval_classifier} judges {config['dataset']}, not {args.dataset}")
-    logits = jax.jit(lambda x: net.apply(params, data.to_float(x)))
-    feats = jax.jit(lambda x: net.apply(params, data.to_float(x), features=True))
-    return logits, feats
 
 
 def main(argv=None):
@@ -81,13 +60,13 @@ def main(argv=None):
 
     train_images, train_labels = common.load_data(args)
     test_images, test_labels = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
-    logits, feats = eval_classifier(args, train_images, train_labels)
-    test_acc = float(np.mean(batched(logits, test_images).argmax(-1) == test_labels))
-    test_feats = batched(feats, test_images)
+    logits, feats = common.judge(args, args.eval_classifier, args.steps)
+    test_acc = float(np.mean(common.batched(logits, test_images).argmax(-1) == test_labels))
+    test_feats = common.batched(feats, test_images)
     ref = metrics.feature_stats(test_feats)
     n_floor = min(args.num_samples, len(train_images))
     floor_idx = np.random.default_rng(args.seed).choice(len(train_images), n_floor, replace=False)
-    floor = metrics.frechet_distance(*metrics.feature_stats(batched(feats, train_images[floor_idx])), *ref)
+    floor = metrics.frechet_distance(*metrics.feature_stats(common.batched(feats, train_images[floor_idx])), *ref)
     print(f"evaluation classifier: test accuracy {test_acc:.4f}; FID floor (real train {n_floor} vs test "
           f"{len(test_images)}) {floor:.3f}", file=sys.stderr)
 
@@ -102,8 +81,8 @@ def main(argv=None):
         imgs = np.concatenate([pipe(labels[i : i + chunk], gamma=gamma, sampler=sampler, steps=steps, seed=args.seed + i)
                                for i in range(0, n, chunk)])
         seconds = time.perf_counter() - t0
-        acc = float(np.mean(batched(logits, imgs).argmax(-1) == labels[: len(imgs)]))
-        fid = metrics.frechet_distance(*metrics.feature_stats(batched(feats, imgs)), *ref)
+        acc = float(np.mean(common.batched(logits, imgs).argmax(-1) == labels[: len(imgs)]))
+        fid = metrics.frechet_distance(*metrics.feature_stats(common.batched(feats, imgs)), *ref)
         nfe = pipe.schedule.num_timesteps if sampler == "ddpm" else steps
         rows.append(dict(guidance=kind, sampler=sampler, nfe=nfe, gamma=gamma, fid=fid, accuracy=acc, seconds=seconds))
         write_csv(args, rows)  # after every cell, so a run cut short keeps what it measured
@@ -118,8 +97,8 @@ def main(argv=None):
                 measure("cfg", pipe, sampler, steps, gamma)
     if args.classifier_guidance:
         d = args.classifier_guidance
-        pipe = Pipeline.from_checkpoint(os.path.join(d, "unet", "checkpoints"), dtype=common.compute_dtype(args.dtype),
-                                        classifier_directory=os.path.join(d, "classifier", "checkpoints"))
+        pipe = Pipeline.from_checkpoint(os.path.join(d, "unet"), dtype=common.compute_dtype(args.dtype),
+                                        classifier_directory=os.path.join(d, "classifier"))
         sampler, steps = args.samplers[-1] if args.samplers[-1][0] != "ddpm" else ("dpm++", 20)
         for scale in args.cg_scales:
             measure("classifier", pipe, sampler, steps, scale)

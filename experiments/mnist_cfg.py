@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments import common
 from jaxdiff import data
-from jaxdiff.pipeline import Pipeline, load_model, nfe
+from jaxdiff.pipeline import Pipeline, nfe
 
 
 def main(argv=None):
@@ -30,9 +30,10 @@ def main(argv=None):
     p.add_argument("--gamma", type=float, default=3.0, help="guidance scale for the per-label grid")
     p.add_argument("--per-label", type=common.positive_int, default=10, help="samples per label in the per-label grid")
     p.add_argument("--eval-classifier", default=None,
-                   help="folder of an evaluation classifier (experiments.evaluate makes one): report the class accuracy "
-                        "of --eval-samples samples at --gamma")
+                   help="folder of an evaluation classifier (made there first if absent, as experiments.evaluate "
+                        "makes it): report the class accuracy of --eval-samples samples at --gamma")
     p.add_argument("--eval-samples", type=common.positive_int, default=1000)
+    p.add_argument("--judge-steps", type=common.positive_int, default=3000, help="steps to train an absent evaluation classifier")
     args = p.parse_args(argv)
     if not math.isfinite(args.gamma):
         common.fail(f"--gamma must be finite, got {args.gamma}")
@@ -45,7 +46,7 @@ def main(argv=None):
     config, model, state, schedule, train_s, rate = common.train_model(
         args, images, labels, args.out, model="unet", num_classes=num_classes, p_uncond=args.p_uncond)
 
-    pipe = Pipeline(model, jax.device_get(state.ema_params), schedule, config)
+    pipe = Pipeline.for_labels(model, jax.device_get(state.ema_params), schedule, config)
     t0 = time.perf_counter()
     rows = np.repeat(np.arange(num_classes), len(args.gammas))
     gam = np.tile(np.asarray(args.gammas, np.float32), num_classes)
@@ -54,18 +55,16 @@ def main(argv=None):
     rows = np.repeat(np.arange(num_classes), args.per_label)
     imgs = pipe(rows, gamma=args.gamma, sampler=args.sampler, steps=args.sample_steps, seed=args.seed + 1)
     common.save_grid(os.path.join(args.out, f"samples_gamma{args.gamma:g}.png"), imgs, num_classes, args.per_label)
-    neg = pipe(rows, negative_labels=(rows + 1) % num_classes, gamma=args.gamma, sampler=args.sampler,
+    neg = pipe(rows, negative=(rows + 1) % num_classes, gamma=args.gamma, sampler=args.sampler,
                steps=args.sample_steps, seed=args.seed + 1)
     common.save_grid(os.path.join(args.out, "negative.png"), neg, num_classes, args.per_label)
     sample_s = time.perf_counter() - t0
     accuracy = ""
     if args.eval_classifier:
-        net, judge, judge_cfg = load_model(os.path.join(args.eval_classifier, "checkpoints"), expect="eval_classifier")
-        if judge_cfg["dataset"] != args.dataset:
-            common.fail(f"{args.eval_classifier} judges {judge_cfg['dataset']}, not {args.dataset}")
+        logits, _ = common.judge(args, args.eval_classifier, args.judge_steps)
         asked = np.arange(args.eval_samples) % num_classes
         imgs = pipe(asked, gamma=args.gamma, sampler=args.sampler, steps=args.sample_steps, seed=args.seed + 2)
-        said = np.asarray(net.apply(judge, data.to_float(imgs))).argmax(-1)
+        said = common.batched(logits, imgs).argmax(-1)
         accuracy = f"class accuracy {np.mean(said == asked):.4f} ({args.eval_samples} samples, gamma {args.gamma:g}), "
     print(f"done: {args.steps} steps in {train_s:.1f}s ({rate:,.0f} img/s after compile), sampling "
           f"{sample_s:.1f}s ({args.sampler}, {nfe(args.sampler, args.sample_steps, schedule)} NFE), "

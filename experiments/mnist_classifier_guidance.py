@@ -41,8 +41,8 @@ def main(argv=None):
         clf_args, images, labels, clf_dir, model="classifier", num_classes=num_classes,
         channels=common.parse_channels(args.classifier_channels), label="classifier")
 
-    pipe = Pipeline(model, jax.device_get(state.ema_params), schedule, config,
-                    classifier=(clf, jax.device_get(clf_state.ema_params)))
+    pipe = Pipeline.for_labels(model, jax.device_get(state.ema_params), schedule, config,
+                               classifier=(clf, jax.device_get(clf_state.ema_params)))
     t0 = time.perf_counter()
     rows = np.repeat(np.arange(num_classes), len(args.gammas))
     gam = np.tile(np.asarray(args.gammas, np.float32), num_classes)

@@ -28,7 +28,7 @@ def main(argv=None):
     num_classes = data.NUM_CLASSES[args.dataset]
     config, model, state, schedule, train_s, rate = common.train_model(
         args, images, labels, args.out, model="unet", num_classes=num_classes, p_uncond=0.0)
-    pipe = Pipeline(model, jax.device_get(state.ema_params), schedule, config)
+    pipe = Pipeline.for_labels(model, jax.device_get(state.ema_params), schedule, config)
     t0 = time.perf_counter()
     rows = np.repeat(np.arange(num_classes), args.per_label)
     # gamma = 1 is eps_c alone: conditional sampling, no guidance

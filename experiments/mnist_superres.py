@@ -1,7 +1,9 @@
 """Super-resolution, the chapter's cascaded example: 14x14 -> 28x28 by conditional diffusion.
 
 The U-Net sees x_t concatenated with the low-resolution image (2x2 average-pooled, then
-bilinearly upsampled back to 28x28) as a second channel, and predicts eps. Samples the test
+bilinearly upsampled back to 28x28) as a second channel, and predicts eps. The low-resolution
+image is dropped to a blank one with probability --p-uncond, so guidance (gamma) and negative
+images work as for labels; sampling uses gamma 1 (no guidance) unless told. Samples the test
 split's low-resolution images and reports, against the real 28x28 images, the PSNR of the
 diffusion samples and of plain bilinear upsampling, and the consistency PSNR between each
 sample brought back down to 14x14 and the input it was given. Writes superres.png (columns:
@@ -12,6 +14,7 @@ checkpoints/ under --out.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -21,19 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, schedules, train
-from jaxdiff.nets.unet import UNet
-from jaxdiff.pipeline import nfe, run_sampler
+from jaxdiff import data, train
+from jaxdiff.conditions import downsample, upsample
+from jaxdiff.pipeline import Pipeline, init_params, low_res_eps, model_from_config, nfe, schedule_from_config
 
 
-def downsample(x):
-    """(B, 28, 28, C) -> (B, 14, 14, C) by 2x2 averaging."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-
-
-def upsample(x, size=28):
-    return jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bilinear")
+NULL = -1  # the label that marks a dropped condition (class labels are otherwise unused here)
 
 
 def psnr(a, b):
@@ -46,42 +42,44 @@ def main(argv=None):
     p = common.parser(__doc__, steps=6000, batch_size=256, out="runs/mnist_superres")
     p.add_argument("--eval-images", type=common.positive_int, default=1000, help="test images to upsample and score")
     p.add_argument("--rows", type=common.positive_int, default=10, help="rows in superres.png")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="per-example probability of a blank low-res image")
+    p.add_argument("--gamma", type=float, default=1.0, help="guidance scale when sampling (1: none)")
     args = p.parse_args(argv)
+    if not 0 <= args.p_uncond < 1:
+        common.fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    if not math.isfinite(args.gamma):
+        common.fail(f"--gamma must be finite, got {args.gamma}")
     os.makedirs(args.out, exist_ok=True)
     images, labels = common.load_data(args)
     test_images, _ = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
-    channels = common.parse_channels(args.channels)
-    sched = schedules.linear(1000)
-    net = UNet(num_classes=0, channels=channels, out_channels=1, dtype=common.compute_dtype(args.dtype))
-    params = UNet(num_classes=0, channels=channels, out_channels=1).init(
-        jax.random.key(args.seed), jnp.zeros((1, 28, 28, 2)), jnp.ones((1,), jnp.int32))
+    config = dict(model="superres", channels=list(common.parse_channels(args.channels)), schedule="linear",
+                  num_timesteps=1000, image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
+                  low_res=images.shape[1] // 2, p_uncond=args.p_uncond)
+    net = model_from_config(config, common.compute_dtype(args.dtype))
+    params = init_params(model_from_config(config), config, args.seed)
+    sched = schedule_from_config(config)
 
     def prepare(x_uint8, y, keys):
         x0 = data.to_float(x_uint8)
-        return x0, upsample(downsample(x0))
+        low = upsample(downsample(x0), x0.shape[1])
+        return x0, jnp.where((y == NULL)[:, None, None, None], 0.0, low)  # dropped: a blank image
 
-    eps_model = lambda prm, x_t, t, low: net.apply(prm, jnp.concatenate([x_t, low.astype(x_t.dtype)], -1), t)
-    loss_fn = train.diffusion_loss(eps_model, sched, p_uncond=0.0, null_label=0, prepare=prepare)
-    config = dict(model="superres", channels=list(channels), schedule="linear", num_timesteps=1000,
-                  image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split, low_res=14)
+    eps_model = low_res_eps(net)
+    loss_fn = train.diffusion_loss(eps_model, sched, p_uncond=args.p_uncond, null_label=NULL, prepare=prepare)
     state, train_s, rate = common.run_training(args, config, params, loss_fn, images, labels, args.out, "superres")
-    params = jax.device_get(state.ema_params)
+    pipe = Pipeline.for_low_res(net, jax.device_get(state.ema_params), sched, config)
 
-    @jax.jit
-    def super_resolve(low_up, key):
-        k1, k2 = jax.random.split(key)
-        x_T = jax.random.normal(k1, low_up.shape)
-        return run_sampler(args.sampler, lambda x, t: eps_model(params, x, t, low_up), sched, x_T, k2, args.sample_steps)
-
-    real = data.to_float(test_images[: args.eval_images])
-    low = downsample(real)
-    bilinear = upsample(low)
+    real_uint8 = test_images[: args.eval_images]
+    real = data.to_float(real_uint8)
+    low_uint8 = data.to_uint8(downsample(real))  # what a user holds: a small uint8 image
+    low = data.to_float(low_uint8)
+    bilinear = upsample(low, real.shape[1])
     t0 = time.perf_counter()
     chunk = 500
-    samples = np.concatenate([np.asarray(super_resolve(bilinear[i : i + chunk], jax.random.key(args.seed + i)))
-                              for i in range(0, len(real), chunk)])
+    samples = np.concatenate([pipe(low_uint8[i : i + chunk], gamma=args.gamma, sampler=args.sampler,
+                                   steps=args.sample_steps, seed=args.seed + i) for i in range(0, len(real), chunk)])
     sample_s = time.perf_counter() - t0
-    samples = np.clip(samples, -1, 1)
+    samples = data.to_float(samples)
     p_diff, p_bil = psnr(samples, real).mean(), psnr(bilinear, real).mean()
     p_cons = psnr(downsample(samples), low).mean()
     print(f"on {len(real)} test images: PSNR vs real 28x28: diffusion {p_diff:.2f} dB, bilinear {p_bil:.2f} dB; "

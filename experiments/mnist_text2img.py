@@ -9,7 +9,10 @@ Three stages, each in its own folder under --out with checkpoints (rerun with --
 Then samples the --prompt texts (and every class through a training template and a template
 never seen in training) and decodes them. Writes prompts.png (rows = prompts, columns =
 samples), classes.png (rows = classes; left half a training template, right half a held-out
-one), and prints reconstruction error, KL and zero-shot accuracy of the text space.
+one), and prints reconstruction error, KL and zero-shot accuracy of the text space. With
+--eval-classifier, an evaluation classifier judges samples of every template at several gammas
+(text2img_quality.md). The run's folder loads back as a prompt pipeline:
+Pipeline.from_checkpoint(out)(["a handwritten 3"]).
 
     python -m experiments.mnist_text2img --prompt "a handwritten 3" --prompt "the number seven"
 """
@@ -27,11 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from jaxdiff import captions, data, guidance, schedules, train
+from jaxdiff import captions, data, schedules, train
 from jaxdiff.nets.autoencoder import Autoencoder, gaussian_kl, vae_loss
-from jaxdiff.nets.text import ImageEncoder, TextEncoder, Tokenizer, clip_loss
-from jaxdiff.nets.unet import UNet
-from jaxdiff.pipeline import run_sampler
+from jaxdiff.nets.text import Tokenizer, clip_loss
+from jaxdiff.pipeline import Pipeline, init_params, model_from_config, text_eps
 
 MAX_LEN = 12
 
@@ -63,6 +65,14 @@ def main(argv=None):
     p.add_argument("--gamma", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--per-prompt", type=common.positive_int, default=8, help="samples per prompt")
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    g = p.add_argument_group("judging samples")
+    g.add_argument("--eval-classifier", default=None,
+                   help="folder of an evaluation classifier (made there first if absent): judge samples of every "
+                        "template at each --eval-gammas, write text2img_quality.md")
+    g.add_argument("--eval-gammas", type=common.finite_floats, default=[1.0, 3.0, 5.0])
+    g.add_argument("--eval-per-class", type=common.positive_int, default=100, help="samples per class and template")
+    g.add_argument("--eval-images", type=common.positive_int, default=2000, help="real test images for the ceiling")
+    g.add_argument("--judge-steps", type=common.positive_int, default=3000, help="steps to train an absent evaluation classifier")
     args = p.parse_args(argv)
     if not math.isfinite(args.gamma):
         common.fail(f"--gamma must be finite, got {args.gamma}")
@@ -77,10 +87,9 @@ def main(argv=None):
                 num_timesteps=1000)
 
     # 1. autoencoder
-    ae = Autoencoder(channels=(32, 64, 128), latent_channels=4, dtype=dtype)
-    ae_f32 = Autoencoder(channels=(32, 64, 128), latent_channels=4)
-    ae_params = ae_f32.init(jax.random.key(args.seed), jnp.zeros((1, 28, 28, 1)), jax.random.key(1))
     cfg = {**base, "model": "autoencoder", "channels": [32, 64, 128], "latent_channels": 4, "kl_weight": args.kl_weight}
+    ae, ae_f32 = model_from_config(cfg, dtype), model_from_config(cfg)
+    ae_params = init_params(ae_f32, cfg, args.seed)
     out = os.path.join(args.out, "autoencoder")
     os.makedirs(out, exist_ok=True)
     state, _, _ = common.run_training(stage_args(args, args.ae_steps), cfg, ae_params,
@@ -100,13 +109,9 @@ def main(argv=None):
 
     # 2. contrastive text and image encoders
     tok = Tokenizer.from_texts(captions.all_texts(args.dataset), MAX_LEN)
-    text = TextEncoder(vocab_size=len(tok), max_len=MAX_LEN, dtype=dtype)
-    text_f32 = TextEncoder(vocab_size=len(tok), max_len=MAX_LEN)
-    image = ImageEncoder(dtype=dtype)
-    ids0, mask0 = tok(["a"])
-    clip_params = {"text": text_f32.init(jax.random.key(args.seed + 1), ids0, mask0),
-                   "image": ImageEncoder().init(jax.random.key(args.seed + 2), jnp.zeros((1, 28, 28, 1))),
-                   "logit_scale": jnp.asarray(math.log(10.0), jnp.float32)}
+    cfg = {**base, "model": "clip", "vocab": tok.vocab, "max_len": MAX_LEN}
+    (text, image), (text_f32, image_f32) = model_from_config(cfg, dtype), model_from_config(cfg)
+    clip_params = init_params((text_f32, image_f32), cfg, args.seed + 1)
     train_ids, train_mask = caption_table(tok, args.dataset, captions.TRAIN_TEMPLATES[args.dataset])
 
     def clip_loss_fn(params, x_uint8, y, key, offset):
@@ -116,7 +121,6 @@ def main(argv=None):
         txt = text.apply(params["text"], ids, mask)[1]
         return clip_loss(img, txt, params["logit_scale"], groups=y)
 
-    cfg = {**base, "model": "clip", "vocab": tok.vocab, "max_len": MAX_LEN}
     out = os.path.join(args.out, "clip")
     os.makedirs(out, exist_ok=True)
     state, _, _ = common.run_training(stage_args(args, args.clip_steps), cfg, clip_params, clip_loss_fn,
@@ -124,7 +128,7 @@ def main(argv=None):
     clip_params = jax.device_get(state.ema_params)
     text_tokens = jax.jit(lambda ids, mask: text_f32.apply(clip_params["text"], ids, mask))
     judged = test_images[:5000], test_labels[:5000]
-    img_emb = np.asarray(jax.jit(lambda x: ImageEncoder().apply(clip_params["image"], data.to_float(x)))(judged[0]))
+    img_emb = np.asarray(jax.jit(lambda x: image_f32.apply(clip_params["image"], data.to_float(x)))(judged[0]))
     img_emb = img_emb / np.linalg.norm(img_emb, axis=1, keepdims=True)
     for name, templates in [("training", captions.TRAIN_TEMPLATES), ("held-out", captions.HELD_OUT_TEMPLATES)]:
         ids, mask = caption_table(tok, args.dataset, templates[args.dataset])
@@ -135,11 +139,11 @@ def main(argv=None):
 
     # 3. latent diffusion with cross-attention to the text tokens
     channels = common.parse_channels(args.channels)
-    levels = list(range(len(channels)))
-    unet = UNet(num_classes=0, channels=channels, cond_dim=128, cross_attention_levels=levels, out_channels=4, dtype=dtype)
-    unet_params = UNet(num_classes=0, channels=channels, cond_dim=128, cross_attention_levels=levels, out_channels=4).init(
-        jax.random.key(args.seed + 3), jnp.zeros((1, 8, 8, 4)), jnp.ones((1,), jnp.int32), None,
-        jnp.zeros((1, MAX_LEN, text_f32.width)), jnp.ones((1, MAX_LEN), bool))
+    cfg = {**base, "model": "ldm", "channels": list(channels), "cross_attention_levels": list(range(len(channels))),
+           "cond_dim": 128, "latent_shape": list(mean.shape[1:]), "context_dim": text_f32.width, "max_len": MAX_LEN,
+           "latent_scale": scale}
+    unet = model_from_config(cfg, dtype)
+    unet_params = init_params(model_from_config(cfg), cfg, args.seed + 3)
 
     def prepare(x_uint8, y, keys):
         ids, mask = pick_captions(train_ids, train_mask, y, keys)  # y = n_cls is the empty prompt
@@ -147,27 +151,16 @@ def main(argv=None):
         z = ae_f32.apply(ae_params, data.to_float(x_uint8), method=Autoencoder.encode)[0] * scale
         return z, (tokens, mask)
 
-    eps_model = lambda params, x, t, c: unet.apply(params, x, t, None, c[0], c[1])
-    loss_fn = train.diffusion_loss(eps_model, sched, p_uncond=0.1, null_label=n_cls, prepare=prepare)
-    cfg = {**base, "model": "ldm", "channels": list(channels), "cross_attention_levels": levels, "latent_scale": scale}
+    loss_fn = train.diffusion_loss(text_eps(unet), sched, p_uncond=0.1, null_label=n_cls, prepare=prepare)
     out = os.path.join(args.out, "ldm")
     os.makedirs(out, exist_ok=True)
     state, ldm_s, rate = common.run_training(args, cfg, unet_params, loss_fn, images, labels, out, "ldm")
-    unet_params = jax.device_get(state.ema_params)
+    pipe = Pipeline.for_prompts(unet, {"unet": jax.device_get(state.ema_params), "text": clip_params["text"],
+                                       "autoencoder": ae_params}, sched, tok, text_f32, ae_f32, cfg)
 
-    @jax.jit
-    def generate(params, ids, mask, neg_ids, neg_mask, key):
-        cond = text_tokens(ids, mask)[0], mask
-        uncond = text_tokens(neg_ids, neg_mask)[0], neg_mask
-        eps_fn = guidance.cfg(lambda x, t, c: eps_model(params, x, t, c), cond, uncond, args.gamma)
-        k1, k2 = jax.random.split(key)
-        z = run_sampler(args.sampler, eps_fn, sched, jax.random.normal(k1, (ids.shape[0], 8, 8, 4)), k2, args.sample_steps)
-        return decode(z / scale)
-
-    def sample(texts, seed):
-        ids, mask = tok(texts)
-        nid, nmask = tok([args.negative_prompt] * len(texts))
-        return data.to_uint8(generate(unet_params, ids, mask, nid, nmask, jax.random.key(seed)))
+    def sample(texts, seed, gamma=args.gamma):
+        return pipe(texts, args.negative_prompt or None, gamma=gamma, sampler=args.sampler, steps=args.sample_steps,
+                    seed=seed)
 
     t0 = time.perf_counter()
     k = args.per_prompt
@@ -177,8 +170,53 @@ def main(argv=None):
     texts = [captions.caption(args.dataset, y, tpl) for y in range(n_cls)
              for tpl in [captions.TRAIN_TEMPLATES[args.dataset][0]] * half + [captions.HELD_OUT_TEMPLATES[args.dataset][0]] * half]
     common.save_grid(os.path.join(args.out, "classes.png"), sample(texts, args.seed + 1), n_cls, 2 * half)
+    sample_s = time.perf_counter() - t0
+    quality = ""
+    if args.eval_classifier:
+        quality = judge_samples(args, sample, test_images, test_labels, lambda x: decode(encode(x)[0]))
     print(f"done: latent diffusion {args.steps} steps in {ldm_s:.1f}s ({rate:,.0f} img/s after compile), sampling "
-          f"{time.perf_counter() - t0:.1f}s; prompts {prompts}; outputs in {args.out}")
+          f"{sample_s:.1f}s; {quality}prompts {prompts}; outputs in {args.out}")
+
+
+def judge_samples(args, sample, test_images, test_labels, reconstruct) -> str:
+    """The evaluation classifier's accuracy on samples of every prompt template (training and held-out)
+    at each --eval-gammas, beside its accuracy on real test images and on their autoencoder
+    reconstructions (the ceiling a latent model can reach). Writes text2img_quality.csv/.md."""
+    logits, _ = common.judge(args, args.eval_classifier, args.judge_steps)
+    real, real_y = test_images[: args.eval_images], test_labels[: args.eval_images]
+    acc_real = float(np.mean(common.batched(logits, real).argmax(-1) == real_y))
+    recon = data.to_uint8(common.batched(reconstruct, real))
+    acc_recon = float(np.mean(common.batched(logits, recon).argmax(-1) == real_y))
+    n_cls = data.NUM_CLASSES[args.dataset]
+    asked = np.repeat(np.arange(n_cls), args.eval_per_class)
+    rows = []
+    for gamma in args.eval_gammas:
+        for kind, templates in [("training", captions.TRAIN_TEMPLATES), ("held-out", captions.HELD_OUT_TEMPLATES)]:
+            for i, tpl in enumerate(templates[args.dataset]):
+                texts = [captions.caption(args.dataset, int(y), tpl) for y in asked]
+                imgs = np.concatenate([sample(texts[j : j + 1000], args.seed + 7 * i + j, gamma)
+                                       for j in range(0, len(texts), 1000)])
+                acc = float(np.mean(common.batched(logits, imgs).argmax(-1) == asked))
+                rows.append((gamma, kind, tpl, acc))
+                print(f"judged: gamma {gamma:g} {kind:>9} template {tpl!r:<34} accuracy {acc:.4f}", file=sys.stderr)
+    with open(os.path.join(args.out, "text2img_quality.csv"), "w") as f:
+        f.write("gamma,templates,template,accuracy\n")
+        f.writelines(f'{g},{k},"{t}",{a:.4f}\n' for g, k, t, a in rows)
+    lines = [f"Evaluation classifier accuracy on {len(real)} real test images {acc_real:.4f}, on their autoencoder "
+             f"reconstructions {acc_recon:.4f} (the ceiling); samples: {len(asked)} per template and gamma "
+             f"({args.eval_per_class} per class), {args.sampler} {args.sample_steps} steps.", "",
+             "| gamma | templates | template | accuracy |", "| --- | --- | --- | --- |"]
+    lines += [f"| {g:g} | {k} | `{t}` | {a:.4f} |" for g, k, t, a in rows]
+    for g in args.eval_gammas:
+        for k in ("training", "held-out"):
+            mean_acc = np.mean([a for gg, kk, _, a in rows if gg == g and kk == k])
+            lines.append(f"| {g:g} | {k}, mean | | {mean_acc:.4f} |")
+    with open(os.path.join(args.out, "text2img_quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    held = [a for g, k, _, a in rows if k == "held-out" and g == args.gamma] or [a for *_, a in rows]
+    return (f"class accuracy of held-out-template samples {np.mean(held):.4f} (real {acc_real:.4f}, "
+            f"reconstructions {acc_recon:.4f}), ")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def test_resume_continues_and_refuses_a_changed_schedule_of_work(cfg_run, tiny_d
 def test_pipeline_from_checkpoint(cfg_run):
     from jaxdiff.pipeline import Pipeline
 
-    pipe = Pipeline.from_checkpoint(os.path.join(cfg_run[0], "checkpoints"))
+    pipe = Pipeline.from_checkpoint(cfg_run[0])  # the run's folder, or its checkpoints/
+    assert Pipeline.from_checkpoint(os.path.join(cfg_run[0], "checkpoints")).config == pipe.config
     a = pipe([0, 1, 2], gamma=2.0, sampler="ddim", steps=2, seed=3)
     b = pipe([0, 1, 2], gamma=2.0, sampler="ddim", steps=2, seed=3)
     c = pipe([0, 1, 2], gamma=2.0, sampler="ddim", steps=2, seed=4)
@@ -67,10 +68,10 @@ def test_pipeline_from_checkpoint(cfg_run):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert len(pipe._compiled) == 1  # a new seed reused the compiled sampler
-    pipe([3], negative_labels=[4], gamma=[1.5], sampler="dpm++", steps=2)
-    for kwargs, msg in [({"labels": [10]}, "labels must be in 0..9"), ({"labels": [1], "gamma": float("nan")}, "gamma"),
-                        ({"labels": [1], "sampler": "euler"}, "unknown sampler"), ({"labels": []}, "empty"),
-                        ({"labels": [1], "negative_labels": [-1]}, "negative_labels")]:
+    pipe([3], negative=[4], gamma=[1.5], sampler="dpm++", steps=2)
+    for kwargs, msg in [({"condition": [10]}, "labels must be in 0..9"), ({"condition": [1], "gamma": float("nan")}, "gamma"),
+                        ({"condition": [1], "sampler": "euler"}, "unknown sampler"), ({"condition": []}, "empty"),
+                        ({"condition": [1], "negative": [-1]}, "negative must be in 0..9")]:
         with pytest.raises(ValueError, match=msg):
             pipe(**kwargs)
 
@@ -122,11 +123,30 @@ def test_text_to_image_end_to_end(tiny_data, tmp_path):
     res = run("experiments.mnist_text2img", "--data-dir", tiny_data, "--out", str(tmp_path), "--steps", "2",
               "--ae-steps", "2", "--clip-steps", "2", "--batch-size", "8", "--steps-per-dispatch", "2",
               "--save-every", "2", "--sample-steps", "2", "--per-prompt", "2", "--channels", "8,16", "--warmup", "1",
-              "--prompt", "a handwritten 3", "--prompt", "zebra", "--negative-prompt", "the digit 8", timeout=600)
+              "--prompt", "a handwritten 3", "--prompt", "zebra", "--negative-prompt", "the digit 8",
+              "--eval-classifier", str(tmp_path / "judge"), "--judge-steps", "2", "--eval-gammas", "1,3",
+              "--eval-per-class", "2", "--eval-images", "8", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "zero-shot accuracy" in res.stderr and "reconstruction MSE" in res.stderr and "done:" in res.stdout
     for name in ["prompts.png", "classes.png", "autoencoder/loss.csv", "clip/loss.csv", "ldm/loss.csv"]:
         assert os.path.getsize(tmp_path / name) > 0, name
+    # one row per (gamma, template): 6 training and 2 held-out MNIST templates at 2 gammas
+    rows = open(tmp_path / "text2img_quality.csv").read().splitlines()
+    assert rows[0] == "gamma,templates,template,accuracy" and len(rows) == 1 + 2 * 8
+    assert all(0 <= float(r.rsplit(",", 1)[1]) <= 1 for r in rows[1:])
+    assert "| 3 | held-out, mean |" in open(tmp_path / "text2img_quality.md").read()
+
+    from jaxdiff.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(str(tmp_path))
+    a = pipe(["a handwritten 3", "zebra"], negative="the digit 8", steps=2, seed=1)
+    assert a.shape == (2, 28, 28, 1) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, pipe(["a handwritten 3", "zebra"], negative="the digit 8", steps=2, seed=1))
+    assert pipe("seven", steps=2).shape == (1, 28, 28, 1)
+    with pytest.raises(ValueError, match="prompts must be strings"):
+        pipe([3])
+    with pytest.raises(ValueError, match="pass the run's folder"):
+        Pipeline.from_checkpoint(str(tmp_path / "ldm"))
 
 
 def test_superres_end_to_end(tiny_data, tmp_path):
@@ -136,13 +156,19 @@ def test_superres_end_to_end(tiny_data, tmp_path):
     assert "PSNR vs real 28x28" in res.stderr and "done:" in res.stdout
     assert os.path.getsize(tmp_path / "superres.png") > 0
 
+    from jaxdiff.pipeline import Pipeline
 
-def test_superres_helpers_against_numpy():
-    import jax.numpy as jnp
+    pipe = Pipeline.from_checkpoint(str(tmp_path))
+    low = np.random.default_rng(0).integers(0, 256, (3, 14, 14, 1), dtype=np.uint8)
+    out = pipe(low, steps=2, seed=0)
+    assert out.shape == (3, 28, 28, 1) and out.dtype == np.uint8
+    assert pipe(low, negative=low[:1], gamma=2.0, steps=2).shape == (3, 28, 28, 1)
+    with pytest.raises(ValueError, match=r"shape \(N, 14, 14, 1\)"):
+        pipe(np.zeros((1, 28, 28, 1), np.uint8))
 
-    from experiments.mnist_superres import downsample, psnr
+
+def test_psnr_against_the_formula():
+    from experiments.mnist_superres import psnr
 
     x = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1))
-    np.testing.assert_allclose(downsample(jnp.asarray(x)), x.reshape(2, 14, 2, 14, 2, 1).mean((2, 4)), rtol=1e-5, atol=1e-6)
-    y = x + 0.1
-    np.testing.assert_allclose(psnr(x, y), 10 * np.log10(4 / 0.01), rtol=1e-9)
+    np.testing.assert_allclose(psnr(x, x + 0.1), 10 * np.log10(4 / 0.01), rtol=1e-9)

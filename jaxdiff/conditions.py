@@ -1,0 +1,114 @@
+"""What a pipeline is conditioned on, one class per kind: class labels, text prompts,
+low-resolution images.
+
+Each kind checks what the user passed and turns it into host arrays (``host``), names its
+null condition (``null``, what training dropped conditions to), and maps the host arrays to
+what the U-Net reads (``network``). ``network`` runs inside the sampler's jit, once per
+call: the text encoder encodes a prompt once, not at every sampler step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def downsample(x, factor: int = 2):
+    """(B, H, W, C) -> (B, H / factor, W / factor, C) by averaging factor x factor blocks."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def upsample(x, size: int):
+    """(B, h, w, C) -> (B, size, size, C), bilinear."""
+    return jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bilinear")
+
+
+class Labels:
+    """Class labels 0..num_classes-1; the null label is ``num_classes``."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def host(self, labels, role: str = "labels") -> np.ndarray:
+        arr = np.asarray(labels)
+        if arr.size == 0:
+            raise ValueError(f"{role} is empty: ask for at least one image")
+        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+            raise ValueError(f"{role} must be integer class labels, got {arr.dtype} values")
+        arr = arr.astype(np.int32).reshape(-1)
+        if arr.min() < 0 or arr.max() >= self.num_classes:
+            raise ValueError(f"{role} must be in 0..{self.num_classes - 1}, got {arr.min()}..{arr.max()}")
+        return arr
+
+    def null(self, n: int) -> np.ndarray:
+        return np.full((n,), self.num_classes, np.int32)
+
+    def network(self, params, labels):
+        return labels
+
+
+class Prompts:
+    """Text prompts, tokenized on the host and encoded by the text encoder inside the jit;
+    the null condition is the empty prompt. ``params["text"]`` holds the encoder's parameters."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    def host(self, prompts, role: str = "prompts"):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError(f"{role} is empty: ask for at least one image")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{role} must be strings, got {[type(p).__name__ for p in prompts]}")
+        return self.tokenizer(prompts)
+
+    def null(self, n: int):
+        return self.tokenizer([""] * n)
+
+    def network(self, params, ids_mask):
+        ids, mask = ids_mask
+        return self.text_encoder.apply(params["text"], ids, mask)[0], mask
+
+
+class LowRes:
+    """Low-resolution uint8 images (B, low, low, C), upsampled bilinearly to the output size
+    for the U-Net to read beside x_t. The null condition is an all-zero (mid-grey) image."""
+
+    def __init__(self, low: int, size: int, channels: int = 1):
+        self.low, self.size, self.channels = low, size, channels
+
+    def host(self, images, role: str = "low-resolution images") -> np.ndarray:
+        arr = np.asarray(images)
+        if arr.ndim == 2:
+            arr = arr[None, ..., None]
+        elif arr.ndim == 3 and arr.shape[-1] != self.channels:
+            arr = arr[..., None]
+        want = (self.low, self.low, self.channels)
+        if arr.ndim != 4 or arr.shape[1:] != want or arr.shape[0] == 0:
+            raise ValueError(f"{role} must be uint8 arrays of shape (N, {self.low}, {self.low}, {self.channels}), "
+                             f"got shape {np.shape(images)}")
+        if arr.dtype != np.uint8:
+            raise ValueError(f"{role} must be uint8 (0..255), got {arr.dtype}")
+        return arr.astype(np.float32) / 127.5 - 1.0
+
+    def null(self, n: int) -> np.ndarray:
+        return np.zeros((n, self.low, self.low, self.channels), np.float32)
+
+    def network(self, params, low):
+        return upsample(jnp.asarray(low), self.size)
+
+
+def batch_size(host_condition) -> int:
+    return jax.tree.leaves(host_condition)[0].shape[0]
+
+
+def broadcast(host_condition, n: int, role: str):
+    """A condition of batch 1 repeated to n; any other batch must be n already."""
+    m = batch_size(host_condition)
+    if m == n:
+        return host_condition
+    if m == 1:
+        return jax.tree.map(lambda a: np.repeat(a, n, axis=0), host_condition)
+    raise ValueError(f"{role} has {m} entries for {n} images: give one or {n}")
