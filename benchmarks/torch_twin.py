@@ -75,8 +75,11 @@ def linear_alpha_bars(T: int, device):
     return betas.float().to(device), torch.cumprod(1 - betas, 0).float().to(device)
 
 
-def make_train_step(model, opt, T: int, p_uncond=0.1, bf16=False, num_classes=10):
-    betas, abar = linear_alpha_bars(T, next(model.parameters()).device)
+def make_train_step(model, opt, T: int, p_uncond=0.1, bf16=False, num_classes=10, ema_decay=0.999):
+    """One step of jaxdiff's work: eps-MSE with label dropout, global-norm clipping, Adam, EMA."""
+    params = [p for p in model.parameters()]
+    betas, abar = linear_alpha_bars(T, params[0].device)
+    ema = [p.detach().clone() for p in params]
 
     def step(x0, y):
         t = torch.randint(1, T + 1, (x0.shape[0],), device=x0.device)
@@ -88,8 +91,10 @@ def make_train_step(model, opt, T: int, p_uncond=0.1, bf16=False, num_classes=10
             loss = F.mse_loss(model(x_t, t, y).float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1.0 - ema_decay)
         return loss
 
     return step

@@ -17,3 +17,18 @@ def test_speed_benchmark_tiny(tmp_path):
     assert "| implementation | work | batch | images/s | jaxdiff / this |" in table
     assert "| jaxdiff | train | 8 |" in table and "| jaxdiff | sample | 2 |" in table
     assert "GFLOP per image" in table and "of the measured bf16 matmul rate" in table
+
+
+def test_scaling_table_on_simulated_devices(tmp_path):
+    """Four CPU devices stand in for GPUs: the table has a row per device count, 1, 2 and 4."""
+    out = tmp_path / "scaling.md"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--tiny", "--scaling-only", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = out.read_text()
+    assert "| devices | global batch | images/s | speed-up | efficiency |" in table
+    for k in (1, 2, 4):
+        assert f"| {k} | {8 * k} |" in table, table
+    assert "| 1 | 8 |" in table and "| 100.0% |" in table.split("| 1 | 8 |")[1].splitlines()[0]
+    assert "| jaxdiff | train" not in table  # scaling only
