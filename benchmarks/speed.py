@@ -107,6 +107,19 @@ class JaxBench:
         return batch / sec
 
 
+START = time.perf_counter()
+
+
+def log(msg: str):
+    """Progress on stderr as each measurement lands, so a run cut short still says what it measured."""
+    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def log_row(row):
+    log(f"{row[0]} {row[1]} batch {row[2]}: {row[3]:,.1f} images/s (jaxdiff / this {row[4]:.2f})")
+    return row
+
+
 def torch_rows(args, jax_train, jax_sample):
     try:
         import torch
@@ -116,9 +129,8 @@ def torch_rows(args, jax_train, jax_sample):
         print("torch not installed: PyTorch twin skipped", file=sys.stderr)
         return []
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    variants = [("torch eager f32", False, False)]
-    if dev.type == "cuda" or args.torch_compile_on_cpu:
-        variants.append(("torch bf16+CL+compile", True, True))
+    known = {"compiled": ("torch bf16+CL+compile", True, True), "eager": ("torch eager f32", False, False)}
+    variants = [known[v] for v in args.torch_variants if v == "eager" or dev.type == "cuda" or args.torch_compile_on_cpu]
     rows = []
     for name, bf16, fast in variants:
         torch.manual_seed(0)
@@ -141,9 +153,11 @@ def torch_rows(args, jax_train, jax_sample):
                     step(x, y)
                 sync()
 
+            t0 = time.perf_counter()
             run()  # compile and warm up
+            log(f"{name}: first train dispatch at batch {batch} (compile included) {time.perf_counter() - t0:.1f}s")
             rate = args.steps_per_dispatch * batch / timed(run, args.repeats)
-            rows.append((name, "train", batch, rate, jax_train[batch] / rate))
+            rows.append(log_row((name, "train", batch, rate, jax_train[batch] / rate)))
         net.eval()
         for batch in args.sample_batches:
             labels = torch.arange(batch, device=dev) % 10
@@ -153,7 +167,7 @@ def torch_rows(args, jax_train, jax_sample):
                 sync()
 
             rate = batch / timed(gen, args.sample_repeats)
-            rows.append((name, "sample", batch, rate, jax_sample[batch] / rate))
+            rows.append(log_row((name, "sample", batch, rate, jax_sample[batch] / rate)))
     return rows
 
 
@@ -170,6 +184,9 @@ def main(argv=None):
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--torch", choices=["auto", "off"], default="auto")
     p.add_argument("--torch-compile-on-cpu", action="store_true")
+    p.add_argument("--torch-variants", type=lambda v: v.split(","), default=["compiled", "eager"],
+                   help="PyTorch variants in order: compiled (bf16 autocast, channels-last, torch.compile "
+                        "reduce-overhead, fused Adam; GPU only unless --torch-compile-on-cpu), eager (float32)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke configuration")
     p.add_argument("--scaling-only", action="store_true",
                    help="only data-parallel scaling: 1 device against all, at the last --train-batches per device")
@@ -191,12 +208,12 @@ def main(argv=None):
         info.append(f"U-Net forward: {fwd / 1e9:.3f} GFLOP per image (XLA cost analysis of the lowered program)")
     for b in ([] if args.scaling_only else args.train_batches):
         jax_train[b], train_fl = jb.train_rate(b, jax.local_devices()[:1])
-        rows.append(("jaxdiff", "train", b, jax_train[b], 1.0))
+        rows.append(log_row(("jaxdiff", "train", b, jax_train[b], 1.0)))
         info.append(f"train step at batch {b}: {train_fl / 1e9:.3f} GFLOP per image; "
                     f"{jax_train[b] * train_fl / rate:.1%} of the measured bf16 matmul rate")
     for b in args.sample_batches:
         jax_sample[b] = jb.sample_rate(b)
-        rows.append(("jaxdiff", "sample", b, jax_sample[b], 1.0))
+        rows.append(log_row(("jaxdiff", "sample", b, jax_sample[b], 1.0)))
     n = jax.local_device_count()
     if args.scaling_only and n == 1:
         info.append("one device: no data-parallel scaling to measure")
@@ -207,6 +224,7 @@ def main(argv=None):
         for k in counts:
             rate_k, _ = jb.train_rate(per * k, jax.local_devices()[:k])
             scaling.append((k, per * k, rate_k))
+            log(f"data parallel on {k} devices, global batch {per * k}: {rate_k:,.1f} images/s")
         one = scaling[0][2]
         info.append(f"data parallel, per-device batch {per}: {n} devices {scaling[-1][2]:,.0f} img/s against 1 device's "
                     f"{one:,.0f}, speed-up {scaling[-1][2] / one:.2f}x")
