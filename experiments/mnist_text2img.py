@@ -30,15 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments.mnist_autoencoder import train_autoencoder
 from jaxdiff import captions, data, schedules, train
-from jaxdiff.nets.autoencoder import Autoencoder, gaussian_kl, vae_loss
+from jaxdiff.nets.autoencoder import Autoencoder
 from jaxdiff.nets.text import Tokenizer, clip_loss
 from jaxdiff.pipeline import Pipeline, init_params, model_from_config, text_eps
 
 MAX_LEN = 12
 
 
-def stage_args(args, steps):
+def stage_args(args, steps):  # the same flags, another number of steps
     return argparse.Namespace(**{**vars(args), "steps": steps})
 
 
@@ -87,25 +88,9 @@ def main(argv=None):
                 num_timesteps=1000)
 
     # 1. autoencoder
-    cfg = {**base, "model": "autoencoder", "channels": [32, 64, 128], "latent_channels": 4, "kl_weight": args.kl_weight}
-    ae, ae_f32 = model_from_config(cfg, dtype), model_from_config(cfg)
-    ae_params = init_params(ae_f32, cfg, args.seed)
-    out = os.path.join(args.out, "autoencoder")
-    os.makedirs(out, exist_ok=True)
-    state, _, _ = common.run_training(stage_args(args, args.ae_steps), cfg, ae_params,
-                                      vae_loss(ae.apply, kl_weight=args.kl_weight), images, labels, out, "autoencoder")
-    ae_params = jax.device_get(state.ema_params)
-    encode = jax.jit(lambda x: ae_f32.apply(ae_params, data.to_float(x), method=Autoencoder.encode))
-    decode = jax.jit(lambda z: ae_f32.apply(ae_params, z, method=Autoencoder.decode))
-    sub = test_images[:2000]
-    mean, logvar = encode(sub)
-    recon = np.asarray(decode(mean))
-    mse = float(np.mean((recon - data.to_float(sub)) ** 2))
-    kl = float(np.mean(gaussian_kl(mean, logvar)))
-    train_means = np.asarray(encode(images[:5000])[0])
-    scale = float(1.0 / train_means.std())
-    print(f"autoencoder: test reconstruction MSE {mse:.4f} (images in [-1, 1]), KL {kl:.1f} nats/image, "
-          f"latent std {1 / scale:.3f} -> scale {scale:.3f}", file=sys.stderr)
+    ae_f32, ae_params, encode, decode, scale = train_autoencoder(args, images, labels, test_images,
+                                                                 os.path.join(args.out, "autoencoder"), args.ae_steps)
+    mean = encode(test_images[:1])[0]
 
     # 2. contrastive text and image encoders
     tok = Tokenizer.from_texts(captions.all_texts(args.dataset), MAX_LEN)

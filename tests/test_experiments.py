@@ -149,6 +149,19 @@ def test_text_to_image_end_to_end(tiny_data, tmp_path):
         Pipeline.from_checkpoint(str(tmp_path / "ldm"))
 
 
+def test_autoencoder_end_to_end(tiny_data, tmp_path):
+    res = run("experiments.mnist_autoencoder", "--data-dir", tiny_data, "--out", str(tmp_path), "--steps", "2",
+              "--batch-size", "8", "--steps-per-dispatch", "2", "--warmup", "1", "--rows", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reconstruction MSE" in res.stderr and "done: autoencoder 2 steps" in res.stdout
+    from experiments.png import grid
+
+    head = open(tmp_path / "reconstructions.png", "rb").read(24)
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    expect = grid(np.zeros((4, 10, 28, 28, 1), np.uint8)).shape  # 2 pairs of rows of 10, shown at 2x
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and (height, width) == (2 * expect[0], 2 * expect[1])
+
+
 def test_superres_end_to_end(tiny_data, tmp_path):
     res = run("experiments.mnist_superres", "--data-dir", tiny_data, "--out", str(tmp_path), *TINY, "--eval-images", "6",
               "--rows", "3")

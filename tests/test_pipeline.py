@@ -1,7 +1,6 @@
 """The pipeline's plumbing (conditions, negatives, gamma, classifier guidance) on the exact
 mixture, where the right answer is known, and the checks on what users pass in."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
