@@ -66,6 +66,11 @@ def parser(description: str, steps: int, batch_size: int, out: str) -> argparse.
     return p
 
 
+def override(args, **changes) -> argparse.Namespace:
+    """The same flags with some changed: a stage's own step count, another split."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
 def compute_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -254,8 +259,8 @@ def judge(args, directory: str, steps: int = 3000):
     ckpt_dir = os.path.join(directory, "checkpoints")
     if not (os.path.isdir(ckpt_dir) and Checkpoints(ckpt_dir).latest_step() is not None):
         os.makedirs(directory, exist_ok=True)
-        train_args = argparse.Namespace(**{**vars(args), "split": "train", "out": directory, "resume": False,
-                                           "steps": steps, "batch_size": min(256, args.batch_size), "lr": 1e-3, "warmup": 200})
+        train_args = override(args, split="train", out=directory, resume=False, steps=steps,
+                              batch_size=min(256, args.batch_size), lr=1e-3, warmup=200)
         images, labels = load_data(train_args)
         train_model(train_args, images, labels, directory, model="eval_classifier",
                     num_classes=data.NUM_CLASSES[args.dataset], channels=JUDGE_CHANNELS, label="eval classifier")

@@ -60,7 +60,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     train_images, train_labels = common.load_data(args)
-    test_images, test_labels = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
+    test_images, test_labels = common.load_data(common.override(args, split="test"))
     logits, feats = common.judge(args, args.eval_classifier, args.steps)
     test_acc = float(np.mean(common.batched(logits, test_images).argmax(-1) == test_labels))
     test_feats = common.batched(feats, test_images)

@@ -7,7 +7,6 @@ and checkpoints/ under --out. mnist_text2img trains the same model as its first 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,8 +26,7 @@ def train_autoencoder(args, images, labels, test_images, out: str, steps: int):
                num_timesteps=1000)
     ae, ae_f32 = model_from_config(cfg, common.compute_dtype(args.dtype)), model_from_config(cfg)
     os.makedirs(out, exist_ok=True)
-    stage = argparse.Namespace(**{**vars(args), "steps": steps})
-    state, _, _ = common.run_training(stage, cfg, init_params(ae_f32, cfg, args.seed),
+    state, _, _ = common.run_training(common.override(args, steps=steps), cfg, init_params(ae_f32, cfg, args.seed),
                                       vae_loss(ae.apply, kl_weight=args.kl_weight), images, labels, out, "autoencoder")
     params = jax.device_get(state.ema_params)
     encode = jax.jit(lambda x: ae_f32.apply(params, data.to_float(x), method=Autoencoder.encode))
@@ -49,7 +47,7 @@ def main(argv=None):
     p.add_argument("--rows", type=common.positive_int, default=4, help="pairs of rows in reconstructions.png")
     args = p.parse_args(argv)
     images, labels = common.load_data(args)
-    test_images, _ = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
+    test_images, _ = common.load_data(common.override(args, split="test"))
     _, _, encode, decode, scale = train_autoencoder(args, images, labels, test_images, args.out, args.steps)
     n = min(args.rows * 10, len(test_images))
     real = test_images[:n]

@@ -9,7 +9,6 @@ jax.grad, at several gammas. Writes under --out: samples.png (rows = labels 0-9,
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -36,7 +35,7 @@ def main(argv=None):
     # an unconditional model is the conditional one with every label dropped to the null label
     config, model, state, schedule, unet_s, rate = common.train_model(
         args, images, labels, unet_dir, model="unet", num_classes=num_classes, p_uncond=1.0, label="unet")
-    clf_args = argparse.Namespace(**{**vars(args), "steps": args.classifier_steps})
+    clf_args = common.override(args, steps=args.classifier_steps)
     _, clf, clf_state, _, clf_s, _ = common.train_model(
         clf_args, images, labels, clf_dir, model="classifier", num_classes=num_classes,
         channels=common.parse_channels(args.classifier_channels), label="classifier")

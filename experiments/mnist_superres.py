@@ -13,7 +13,6 @@ checkpoints/ under --out.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -51,7 +50,7 @@ def main(argv=None):
         common.fail(f"--gamma must be finite, got {args.gamma}")
     os.makedirs(args.out, exist_ok=True)
     images, labels = common.load_data(args)
-    test_images, _ = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
+    test_images, _ = common.load_data(common.override(args, split="test"))
     config = dict(model="superres", channels=list(common.parse_channels(args.channels)), schedule="linear",
                   num_timesteps=1000, image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
                   low_res=images.shape[1] // 2, p_uncond=args.p_uncond)

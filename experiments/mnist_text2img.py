@@ -19,7 +19,6 @@ Pipeline.from_checkpoint(out)(["a handwritten 3"]).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -37,10 +36,6 @@ from jaxdiff.nets.text import Tokenizer, clip_loss
 from jaxdiff.pipeline import Pipeline, init_params, model_from_config, text_eps
 
 MAX_LEN = 12
-
-
-def stage_args(args, steps):  # the same flags, another number of steps
-    return argparse.Namespace(**{**vars(args), "steps": steps})
 
 
 def caption_table(tok, dataset, templates):
@@ -81,7 +76,7 @@ def main(argv=None):
                               else ["a photo of a sneaker", "an image of a bag", "trouser"])
     dtype = common.compute_dtype(args.dtype)
     images, labels = common.load_data(args)
-    test_images, test_labels = common.load_data(argparse.Namespace(**{**vars(args), "split": "test"}))
+    test_images, test_labels = common.load_data(common.override(args, split="test"))
     n_cls = data.NUM_CLASSES[args.dataset]
     sched = schedules.linear(1000)
     base = dict(dataset=args.dataset, split=args.split, image_shape=list(images.shape[1:]), schedule="linear",
@@ -108,7 +103,7 @@ def main(argv=None):
 
     out = os.path.join(args.out, "clip")
     os.makedirs(out, exist_ok=True)
-    state, _, _ = common.run_training(stage_args(args, args.clip_steps), cfg, clip_params, clip_loss_fn,
+    state, _, _ = common.run_training(common.override(args, steps=args.clip_steps), cfg, clip_params, clip_loss_fn,
                                       images, labels, out, "clip")
     clip_params = jax.device_get(state.ema_params)
     text_tokens = jax.jit(lambda ids, mask: text_f32.apply(clip_params["text"], ids, mask))

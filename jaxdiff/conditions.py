@@ -81,11 +81,11 @@ class LowRes:
 
     def host(self, images, role: str = "low-resolution images") -> np.ndarray:
         arr = np.asarray(images)
-        if arr.ndim == 2:
-            arr = arr[None, ..., None]
+        want = (self.low, self.low, self.channels)
+        if arr.shape in (want, want[:2]):  # one image, with or without its channel axis
+            arr = arr.reshape(1, *want)
         elif arr.ndim == 3 and arr.shape[-1] != self.channels:
             arr = arr[..., None]
-        want = (self.low, self.low, self.channels)
         if arr.ndim != 4 or arr.shape[1:] != want or arr.shape[0] == 0:
             raise ValueError(f"{role} must be uint8 arrays of shape (N, {self.low}, {self.low}, {self.channels}), "
                              f"got shape {np.shape(images)}")

@@ -161,7 +161,9 @@ class Pipeline:
 
     @classmethod
     def for_labels(cls, model, params, schedule, config: dict, classifier=None) -> "Pipeline":
-        num_classes = classifier[0].num_classes if classifier else config["num_classes"]
+        num_classes = config["num_classes"]  # label num_classes is the U-Net's null label, guided or not
+        if classifier is not None and classifier[0].num_classes != num_classes:
+            raise ValueError(f"the classifier knows {classifier[0].num_classes} classes, the U-Net {num_classes}")
         return cls(lambda p, x, t, y: model.apply(p, x, t, y), params, schedule, conditions.Labels(num_classes),
                    config["image_shape"], config=config, classifier=classifier)
 

@@ -61,6 +61,12 @@ def test_exact_classifier_guidance_at_gamma_one_is_the_conditional(mixture2d, li
         pipe.sample([1], negative=[0])
 
 
+def test_classifier_must_know_the_u_nets_classes(mixture2d, linear_schedule):
+    config = {"num_classes": 4, "image_shape": [2]}
+    with pytest.raises(ValueError, match="classifier knows 3 classes, the U-Net 4"):
+        Pipeline.for_labels(None, None, linear_schedule, config, classifier=(ExactClassifier(mixture2d, linear_schedule), None))
+
+
 def test_per_example_gamma_and_seeds(mixture2d, linear_schedule):
     pipe = mixture_pipeline(mixture2d, linear_schedule)
     a = pipe.sample([0, 1], gamma=[1.0, 2.0], seed=0, steps=5)
@@ -83,6 +89,7 @@ def test_low_res_condition():
     host = c.host(imgs)
     np.testing.assert_allclose(host, imgs / 127.5 - 1.0, atol=1e-6)
     assert c.host(imgs[0, ..., 0]).shape == (1, 14, 14, 1)  # one (14, 14) image
+    np.testing.assert_array_equal(c.host(imgs[1]), host[1:2])  # one (14, 14, 1) image
     up = np.asarray(c.network(None, host))
     assert up.shape == (3, 28, 28, 1)
     # bilinear 2x with half-pixel centres: output 2i+1 = 0.75 x[i] + 0.25 x[i+1], 2i+2 = 0.25 x[i] + 0.75 x[i+1]
