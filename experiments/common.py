@@ -257,7 +257,11 @@ def judge(args, directory: str, steps: int = 3000):
     """The evaluation classifier in ``directory``, trained there first (on the real training split of
     --dataset, ``steps`` steps of batch 256) if it holds none. Returns jitted (logits_fn, features_fn) of uint8 images."""
     ckpt_dir = os.path.join(directory, "checkpoints")
-    if not (os.path.isdir(ckpt_dir) and Checkpoints(ckpt_dir).latest_step() is not None):
+    def trained() -> bool:
+        with Checkpoints(ckpt_dir) as ckpt:
+            return ckpt.latest_step() is not None
+
+    if not (os.path.isdir(ckpt_dir) and trained()):
         os.makedirs(directory, exist_ok=True)
         train_args = override(args, split="train", out=directory, resume=False, steps=steps,
                               batch_size=min(256, args.batch_size), lr=1e-3, warmup=200)

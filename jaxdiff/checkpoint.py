@@ -77,6 +77,12 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.close()
 
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # the manager's background threads must not outlive a caller that only looked
+
     def _require(self, step):
         step = self.latest_step() if step is None else step
         if step is None:

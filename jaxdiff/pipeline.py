@@ -192,7 +192,8 @@ class Pipeline:
         if all(os.path.isdir(os.path.join(directory, s)) for s in TEXT_STAGES):
             return cls._text_from_run(directory, dtype)
         folder = _checkpoint_folder(directory)
-        kind = Checkpoints(folder).config(step).get("model")
+        with Checkpoints(folder) as ckpt:
+            kind = ckpt.config(step).get("model")
         if kind == "superres":
             model, params, config = load_model(folder, step, dtype, expect="superres")
             return cls.for_low_res(model, params, schedule_from_config(config), config)
