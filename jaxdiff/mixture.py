@@ -24,6 +24,10 @@ class GaussianMixture:
     weights: jax.Array  # (K,)
     means: jax.Array  # (K, d)
     covs: jax.Array  # (K, d, d)
+    # S_k = U diag(lam) U^T, so abar S_k + (1 - abar) I = U diag(abar lam + 1 - abar) U^T: its inverse
+    # and log-determinant are closed forms, with no matrix solve in a sampler's loop
+    eigvals: jax.Array  # (K, d)
+    eigvecs: jax.Array  # (K, d, d)
 
     @property
     def num_components(self) -> int:
@@ -44,7 +48,9 @@ class GaussianMixture:
             raise ValueError("weights must be positive")
         if np.any(np.linalg.eigvalsh(c) <= 0):
             raise ValueError("every covariance must be symmetric positive definite")
-        return cls(jnp.asarray(w / w.sum(), jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(c, jnp.float32))
+        lam, vecs = np.linalg.eigh((c + np.swapaxes(c, 1, 2)) / 2)
+        f32 = lambda a: jnp.asarray(a, jnp.float32)
+        return cls(f32(w / w.sum()), f32(m), f32(c), f32(lam), f32(vecs))
 
     def sample(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         """n draws of (x0, y)."""
@@ -54,20 +60,15 @@ class GaussianMixture:
         z = jax.random.normal(kz, (n, self.means.shape[1]))
         return self.means[y] + jnp.einsum("nij,nj->ni", chol, z), y
 
-    def _noisy_components(self, alpha_bar):
-        """Means (B, K, d) and covariances (B, K, d, d) of x_t | y for per-example abar (B,)."""
-        abar = jnp.asarray(alpha_bar)[:, None, None]
-        means = jnp.sqrt(abar) * self.means[None]
-        eye = jnp.eye(self.means.shape[1])
-        covs = abar[..., None] * self.covs[None] + (1 - abar[..., None]) * eye
-        return means, covs
-
     def _log_joint_and_scores(self, x, alpha_bar):
-        """log w_k + log N(x; m_k, C_k) of shape (B, K) and each component's score (B, K, d)."""
-        means, covs = self._noisy_components(alpha_bar)
-        diff = x[:, None, :] - means
-        prec_diff = jnp.linalg.solve(covs, diff[..., None])[..., 0]
-        _, logdet = jnp.linalg.slogdet(covs)
+        """log w_k + log N(x; m_k, C_k) of shape (B, K) and each component's score (B, K, d), where
+        x_t | y=k ~ N(sqrt(abar) mu_k, C_k = abar S_k + (1 - abar) I) for per-example abar (B,)."""
+        abar = jnp.asarray(alpha_bar)[:, None, None]
+        diff = x[:, None, :] - jnp.sqrt(abar) * self.means[None]
+        var = abar * self.eigvals[None] + (1 - abar)  # (B, K, d): C_k's eigenvalues
+        rotated = jnp.einsum("kdj,bkd->bkj", self.eigvecs, diff)  # U^T diff
+        prec_diff = jnp.einsum("kdj,bkj->bkd", self.eigvecs, rotated / var)
+        logdet = jnp.sum(jnp.log(var), axis=-1)
         d = x.shape[-1]
         log_n = -0.5 * (jnp.sum(diff * prec_diff, -1) + logdet + d * jnp.log(2 * jnp.pi))
         return jnp.log(self.weights) + log_n, -prec_diff

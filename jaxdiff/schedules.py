@@ -7,24 +7,72 @@ t = 0 means clean data (abar_0 = 1); it is never passed to a network.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    """How a schedule is made, in full: ``build()`` makes it again, ``to_dict``/``from_dict`` carry
+    it through a checkpoint's JSON, and comparing two specs tells whether two schedules are one.
+
+    ``kind`` is "linear" (betas evenly spaced), "scaled_linear" (square roots evenly spaced, Stable
+    Diffusion's), "cosine" (Nichol & Dhariwal) or "betas" (given explicitly).
+    """
+
+    kind: str
+    num_timesteps: int
+    beta_start: float | None = None
+    beta_end: float | None = None
+    s: float | None = None
+    max_beta: float | None = None
+    betas: tuple[float, ...] | None = None
+
+    def build(self) -> "Schedule":
+        if self.kind in ("linear", "scaled_linear"):
+            return _BUILDERS[self.kind](self.num_timesteps, self.beta_start, self.beta_end)
+        if self.kind == "cosine":
+            return cosine(self.num_timesteps, self.s, self.max_beta)
+        if self.kind == "betas":
+            return from_betas(self.betas)
+        raise ValueError(f"schedule kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScheduleSpec":
+        if not isinstance(d, dict) or d.get("kind") not in SCHEDULE_KINDS:
+            raise ValueError(f"a schedule is a dict whose 'kind' is one of {SCHEDULE_KINDS}, got {d!r}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown schedule settings {sorted(unknown)} in {d!r}")
+        d = dict(d)
+        if d.get("betas") is not None:
+            d["betas"] = tuple(float(b) for b in d["betas"])
+        return cls(**d)
+
+
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "betas")
+
+
 @struct.dataclass
 class Schedule:
     """A discrete noise schedule as a frozen pytree, so it enters ``jit`` as data.
 
-    ``kind`` is static metadata (the constructor and its arguments), recorded so a
-    checkpoint can refuse to load under another schedule.
+    ``spec`` (static) says how it was made; checkpoints store it, so a model trained under one
+    schedule is loaded back under the same one.
     """
 
     betas: jax.Array
     alphas: jax.Array
     alpha_bars: jax.Array
-    kind: str = struct.field(pytree_node=False, default="custom")
+    spec: ScheduleSpec = struct.field(pytree_node=False, default=None)
 
     @property
     def num_timesteps(self) -> int:
@@ -38,7 +86,7 @@ class Schedule:
         return jnp.where(t > 0, self.alpha_bars[jnp.maximum(t - 1, 0)], jnp.ones((), self.alpha_bars.dtype))
 
 
-def from_betas(betas, kind: str = "custom") -> Schedule:
+def from_betas(betas, spec: ScheduleSpec | None = None) -> Schedule:
     """Build a schedule from betas; the products are taken in float64, then stored as float32."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
@@ -47,17 +95,26 @@ def from_betas(betas, kind: str = "custom") -> Schedule:
         raise ValueError("every beta must be finite and strictly between 0 and 1")
     alphas = 1.0 - betas
     alpha_bars = np.cumprod(alphas)
+    spec = spec or ScheduleSpec("betas", betas.size, betas=tuple(float(b) for b in betas))
     f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
-    return Schedule(betas=f32(betas), alphas=f32(alphas), alpha_bars=f32(alpha_bars), kind=kind)
+    return Schedule(betas=f32(betas), alphas=f32(alphas), alpha_bars=f32(alpha_bars), spec=spec)
 
 
 def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
     """The textbook's (and DDPM's) linear betas from beta_start to beta_end."""
-    _check_num_timesteps(num_timesteps)
-    if not 0 < beta_start <= beta_end < 1:
-        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    _check_betas(num_timesteps, beta_start, beta_end)
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-    return from_betas(betas, kind=f"linear(T={num_timesteps},{beta_start},{beta_end})")
+    return from_betas(betas, ScheduleSpec("linear", num_timesteps, float(beta_start), float(beta_end)))
+
+
+def scaled_linear(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:
+    """Stable Diffusion's betas: sqrt(beta) evenly spaced from sqrt(beta_start) to sqrt(beta_end)."""
+    _check_betas(num_timesteps, beta_start, beta_end)
+    betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=np.float64) ** 2
+    return from_betas(betas, ScheduleSpec("scaled_linear", num_timesteps, float(beta_start), float(beta_end)))
+
+
+_BUILDERS = {"linear": linear, "scaled_linear": scaled_linear}
 
 
 def cosine(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
@@ -69,7 +126,13 @@ def cosine(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999)
     f = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
     abar = f / f[0]
     betas = np.clip(1.0 - abar[1:] / abar[:-1], 1e-12, max_beta)
-    return from_betas(betas, kind=f"cosine(T={num_timesteps},{s},{max_beta})")
+    return from_betas(betas, ScheduleSpec("cosine", num_timesteps, s=float(s), max_beta=float(max_beta)))
+
+
+def _check_betas(num_timesteps, beta_start, beta_end) -> None:
+    _check_num_timesteps(num_timesteps)
+    if not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
 
 
 def _check_num_timesteps(num_timesteps) -> None:
@@ -90,22 +153,22 @@ def add_noise(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array)
 
 
 def timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.ndarray:
-    """``steps`` strictly decreasing integer timesteps from T to 1 for a few-step sampler,
-    which visits them in order and then steps to t = 0.
+    """The grid a few-step sampler walks: ``steps`` strictly decreasing integer timesteps from T to 1
+    at which it evaluates the network, then the endpoint 0 (clean data), so ``steps + 1`` values.
 
     ``spacing="uniform"`` spaces them evenly in t (DDIM's choice); ``"logsnr"`` evenly in
     lambda = log(sqrt(abar) / sqrt(1 - abar)), which DPM-Solver recommends for small images.
     """
     T = schedule.num_timesteps
-    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in 1..{T}, got {steps!r}")
-    if spacing not in ("uniform", "logsnr"):
-        raise ValueError(f"spacing must be 'uniform' or 'logsnr', got {spacing!r}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if steps == 1:
-        return np.array([T], dtype=np.int32)
+        return np.array([T, 0], dtype=np.int32)
     if spacing == "uniform":
         target = np.linspace(T, 1, steps)
-    elif spacing == "logsnr":
+    else:
         abar = np.asarray(schedule.alpha_bars, np.float64)
         lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # increasing as t falls
         t_grid = np.arange(1, T + 1, dtype=np.float64)
@@ -116,4 +179,19 @@ def timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> np.nd
     for i in range(steps - 2, -1, -1):
         ts[i] = max(ts[i], ts[i + 1] + 1)
     ts = np.minimum(ts, T - np.arange(steps))
-    return ts.astype(np.int32)
+    return np.append(ts, 0).astype(np.int32)
+
+
+SPACINGS = ("uniform", "logsnr")
+
+
+def check_timesteps(schedule: Schedule, ts) -> np.ndarray:
+    """A caller's own grid, checked: integers, strictly decreasing, within 0..T, at least one step."""
+    arr = np.asarray(ts)
+    T = schedule.num_timesteps
+    if arr.ndim != 1 or arr.size < 2 or arr.dtype.kind not in "iu":
+        raise ValueError(f"timesteps must be a 1-D integer array of at least 2 values (the last is the endpoint), "
+                         f"got {arr.dtype} of shape {arr.shape}")
+    if np.any(np.diff(arr) >= 0) or arr[0] > T or arr[-1] < 0:
+        raise ValueError(f"timesteps must decrease strictly within {T}..0, got {arr.tolist()}")
+    return arr.astype(np.int32)

@@ -8,15 +8,16 @@ from conftest import assign
 
 from jaxdiff import guidance, sampling
 
-rng = np.random.default_rng(0)
+def points(n, d=2, scale=2.0, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, d)) * scale, jnp.float32)
 
 
-def points(n, d=2, scale=2.0):
-    return jnp.asarray(rng.normal(size=(n, d)) * scale, jnp.float32)
+def times(n, seed=0):
+    return jnp.asarray(np.random.default_rng(seed + 1000).integers(1, 1001, size=n), jnp.int32)
 
 
-def times(n):
-    return jnp.asarray(rng.integers(1, 1001, size=n), jnp.int32)
+def labels(n, k=3, seed=0):
+    return jnp.asarray(np.random.default_rng(seed + 2000).integers(0, k, n))
 
 
 def test_cfg_is_one_batched_forward_pass(mixture2d, linear_schedule):
@@ -34,7 +35,7 @@ def test_cfg_is_one_batched_forward_pass(mixture2d, linear_schedule):
 
 def test_cfg_formula_and_its_endpoints(mixture2d, linear_schedule):
     exact = mixture2d.cond_eps_fn(linear_schedule)
-    x, t, y = points(64), times(64), jnp.asarray(rng.integers(0, 3, 64))
+    x, t, y = points(64, seed=1), times(64, seed=1), labels(64, seed=1)
     null = jnp.full((64,), mixture2d.null_label)
     e_c, e_u = np.asarray(exact(x, t, y)), np.asarray(exact(x, t, null))
     for gamma in (0.0, 1.0, 3.5):
@@ -108,8 +109,7 @@ def test_classifier_gradient_matches_finite_differences(mixture2d, linear_schedu
     """The guidance term -gamma sqrt(1 - abar) grad log p(y|x_t) against central differences in float64."""
     zero = lambda x, t: jnp.zeros_like(x)
     log_prob = mixture2d.classifier_log_prob(linear_schedule)
-    x, t = points(6, scale=1.0), times(6)
-    y = jnp.asarray(rng.integers(0, 3, 6))
+    x, t, y = points(6, scale=1.0, seed=2), times(6, seed=2), labels(6, seed=2)
     gamma = 1.7
     got = np.asarray(guidance.classifier_guidance(zero, log_prob, y, gamma, linear_schedule)(x, t))
     h = 1e-5
@@ -123,8 +123,7 @@ def test_classifier_gradient_matches_finite_differences(mixture2d, linear_schedu
 
 def test_exact_classifier_guidance_at_gamma_1_is_the_conditional(mixture2d, linear_schedule):
     exact = mixture2d.cond_eps_fn(linear_schedule)
-    x, t = points(128), times(128)
-    y = jnp.asarray(rng.integers(0, 3, 128))
+    x, t, y = points(128, seed=3), times(128, seed=3), labels(128, seed=3)
     guided = guidance.classifier_guidance(
         mixture2d.eps_fn(linear_schedule), mixture2d.classifier_log_prob(linear_schedule), y, 1.0, linear_schedule
     )
@@ -141,7 +140,7 @@ def test_exact_classifier_guidance_at_gamma_1_is_the_conditional(mixture2d, line
 
 
 def test_log_prob_from_logits(mixture2d):
-    logits = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(5, 3)), jnp.float32)
     y = jnp.array([0, 2, 1, 1, 0])
     got = guidance.log_prob_from_logits(lambda x, t: logits)(None, None, y)
     lg = np.asarray(logits, np.float64)
@@ -164,5 +163,10 @@ def test_guidance_with_a_python_gamma_inside_jit(mixture2d, linear_schedule):
     f = jax.jit(lambda x, t: guidance.cfg(exact, y, mixture2d.null_label, 3.0)(x, t))
     np.testing.assert_allclose(f(x, t), guidance.cfg(exact, y, mixture2d.null_label, 3.0)(x, t), rtol=1e-5, atol=1e-6)
     log_prob = mixture2d.classifier_log_prob(linear_schedule)
-    g = jax.jit(lambda x, t: guidance.classifier_guidance(mixture2d.eps_fn(linear_schedule), log_prob, y, 2.0, linear_schedule)(x, t))
-    assert np.all(np.isfinite(np.asarray(g(x, t))))
+    guided = lambda x, t: guidance.classifier_guidance(mixture2d.eps_fn(linear_schedule), log_prob, y, 2.0,
+                                                       linear_schedule)(x, t)
+    np.testing.assert_allclose(jax.jit(guided)(x, t), guided(x, t), rtol=1e-5, atol=1e-6)
+    # and it is the guidance formula: eps - 2 sqrt(1 - abar) grad log p(y | x_t)
+    grad = jax.grad(lambda z: jnp.sum(log_prob(z, t, y)))(x)
+    expected = mixture2d.eps_fn(linear_schedule)(x, t) - 2.0 * jnp.sqrt(1 - linear_schedule.alpha_bar(t))[:, None] * grad
+    np.testing.assert_allclose(jax.jit(guided)(x, t), expected, rtol=1e-5, atol=1e-6)

@@ -50,15 +50,15 @@ def test_schedule_is_a_pytree_that_jits(linear_schedule):
 
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
 @pytest.mark.parametrize("steps", [1, 2, 10, 20, 50, 999, 1000])
-def test_timesteps_strictly_decreasing_from_T(linear_schedule, steps, spacing):
+def test_timesteps_strictly_decreasing_from_T_to_the_endpoint(linear_schedule, steps, spacing):
     ts = schedules.timesteps(linear_schedule, steps, spacing)
-    assert len(ts) == steps and ts[0] == 1000
-    assert steps == 1 or ts[-1] == 1
+    assert len(ts) == steps + 1 and ts[0] == 1000 and ts[-1] == 0
+    assert steps == 1 or ts[-2] == 1
     assert np.all(np.diff(ts) < 0)
 
 
 def test_logsnr_spacing_is_even_in_lambda(linear_schedule):
-    ts = schedules.timesteps(linear_schedule, 10, "logsnr")
+    ts = schedules.timesteps(linear_schedule, 10, "logsnr")[:-1]
     abar = np.asarray(linear_schedule.alpha_bars, np.float64)[ts - 1]
     lam = 0.5 * np.log(abar / (1 - abar))
     gaps = np.diff(lam)
@@ -75,8 +75,36 @@ def test_logsnr_spacing_is_even_in_lambda(linear_schedule):
         lambda: schedules.from_betas([[0.1]]),
         lambda: schedules.timesteps(schedules.linear(10), 11),
         lambda: schedules.timesteps(schedules.linear(10), 5, "quadratic"),
+        lambda: schedules.timesteps(schedules.linear(10), 2.7),
+        lambda: schedules.timesteps(schedules.linear(10), True),
+        lambda: schedules.check_timesteps(schedules.linear(10), [5, 5, 0]),
+        lambda: schedules.check_timesteps(schedules.linear(10), [11, 0]),
+        lambda: schedules.check_timesteps(schedules.linear(10), [5.0, 0.0]),
+        lambda: schedules.check_timesteps(schedules.linear(10), [5]),
+        lambda: schedules.ScheduleSpec.from_dict({"kind": "sigmoid", "num_timesteps": 10}),
+        lambda: schedules.ScheduleSpec.from_dict({"kind": "linear", "num_timesteps": 10, "beta_min": 0.1}),
     ],
 )
 def test_bad_arguments_raise_value_error(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_scaled_linear_matches_float64_numpy():
+    """Stable Diffusion's betas: square roots evenly spaced."""
+    s = schedules.scaled_linear(1000, 0.00085, 0.012)
+    betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), 1000) ** 2
+    np.testing.assert_allclose(s.betas, betas, rtol=1e-6)
+    np.testing.assert_allclose(s.alpha_bars, np.cumprod(1 - betas), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: schedules.linear(500, 1e-3, 0.03), lambda: schedules.cosine(300, 0.01, 0.99),
+                                  lambda: schedules.scaled_linear(1000), lambda: schedules.from_betas([0.1, 0.2, 0.3])])
+def test_spec_rebuilds_the_same_schedule_through_json(make):
+    import json
+
+    s = make()
+    again = schedules.ScheduleSpec.from_dict(json.loads(json.dumps(s.spec.to_dict()))).build()
+    assert again.spec == s.spec
+    np.testing.assert_array_equal(again.betas, s.betas)
+    np.testing.assert_array_equal(again.alpha_bars, s.alpha_bars)
