@@ -32,15 +32,29 @@ class Labels:
         self.num_classes = num_classes
 
     def host(self, labels, role: str = "labels") -> np.ndarray:
-        arr = np.asarray(labels)
-        if arr.size == 0:
+        """One label (an integer) or a 1-D sequence of them: Python or NumPy integers in
+        0..num_classes-1. Nothing is flattened, rounded or wrapped around."""
+        if _is_int(labels):
+            values = [labels]
+        elif isinstance(labels, np.ndarray):
+            if labels.ndim != 1 or (labels.size and (labels.dtype.kind not in "iu")):
+                raise ValueError(f"{role} must be a 1-D sequence of integer class labels, got an array of "
+                                 f"{labels.dtype} with shape {labels.shape}")
+            values = labels.tolist()
+        elif isinstance(labels, (list, tuple, range)):
+            values = list(labels)
+            bad = [v for v in values if not _is_int(v)]
+            if bad:
+                raise ValueError(f"{role} must be a 1-D sequence of integer class labels, got {bad[0]!r} "
+                                 f"({type(bad[0]).__name__}) among them")
+        else:
+            raise ValueError(f"{role} must be an integer or a 1-D sequence of integers, got {type(labels).__name__}")
+        if not values:
             raise ValueError(f"{role} is empty: ask for at least one image")
-        if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
-            raise ValueError(f"{role} must be integer class labels, got {arr.dtype} values")
-        arr = arr.astype(np.int32).reshape(-1)
-        if arr.min() < 0 or arr.max() >= self.num_classes:
-            raise ValueError(f"{role} must be in 0..{self.num_classes - 1}, got {arr.min()}..{arr.max()}")
-        return arr
+        lo, hi = min(int(v) for v in values), max(int(v) for v in values)
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"{role} must be in 0..{self.num_classes - 1}, got {lo}..{hi}")
+        return np.asarray(values, np.int32)
 
     def null(self, n: int) -> np.ndarray:
         return np.full((n,), self.num_classes, np.int32)
@@ -98,6 +112,10 @@ class LowRes:
 
     def network(self, params, low):
         return upsample(jnp.asarray(low), self.size)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def batch_size(host_condition) -> int:

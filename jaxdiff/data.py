@@ -15,6 +15,7 @@ import gzip
 import os
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,16 @@ class DataUnavailable(RuntimeError):
 
 
 def read_idx(path: str | os.PathLike, expect_ndim: int) -> np.ndarray:
-    """Parse a (gzipped) IDX file of unsigned bytes, checking its header against its size."""
+    """Parse a (gzipped) IDX file of unsigned bytes, checking its header against its size. A damaged
+    file is a ValueError naming it and what is wrong."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except EOFError:
+        raise ValueError(f"{path}: truncated (the gzip stream ends early): download it again") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}: corrupt gzip data ({err}): download it again") from None
     if len(data) < 4:
         raise ValueError(f"{path}: too short to be an IDX file")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
@@ -142,7 +149,10 @@ def load(dataset: str, split: str = "train", data_dir=None, download: bool = Tru
             print(f"fetching {dataset} through tensorflow-datasets ...", file=sys.stderr)
             return load_idx_dir(fetch_with_tfds(dataset), split)
         except Exception as err:  # offline, blocked, or a checksum that did not match
-            raise DataUnavailable(_missing_message(dataset, split, None) + f"\n(download failed: {err})") from err
+            why = "its checksum did not match the one tensorflow-datasets registers" if "checksum" in str(err).lower() \
+                else "it failed"
+            raise DataUnavailable(_missing_message(dataset, split, None) + f" (the download: {why}: "
+                                  f"{' '.join(str(err).split())[:300]})") from err
     raise DataUnavailable(_missing_message(dataset, split, None))
 
 

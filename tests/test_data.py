@@ -87,7 +87,10 @@ def test_tensorflow_datasets_fetches_and_verifies_over_loopback(tmp_path):
         with pytest.raises(Exception, match="checksum"):
             data.fetch_with_tfds("mnist", tmp_path / "dl2", url_infos=infos(corrupt=data.FILES["test"][0]))
     finally:
+        # close the listening socket too: a download thread TFDS left waiting on a queued connection
+        # then fails at once, instead of blocking the interpreter's exit (it joins its pool's threads)
         server.shutdown()
+        server.server_close()
 
 
 def test_batches_are_a_function_of_seed_and_index():

@@ -11,20 +11,13 @@ from jaxdiff.nets.text import Tokenizer
 from jaxdiff.pipeline import Pipeline
 
 
-def mixture_pipeline(gm, schedule, classifier=None):
+def mixture_pipeline(gm, schedule, classifier=False):
+    """A label pipeline whose 'network' is the mixture's exact eps (and, with ``classifier``, whose
+    noisy classifier's logits are the exact log p(y | x_t))."""
     exact = gm.cond_eps_fn(schedule)
-    return Pipeline(lambda p, x, t, y: exact(x, t, y), None, schedule, conditions.Labels(gm.num_components), (2,),
-                    clip_x0=None, classifier=classifier)
-
-
-class ExactClassifier:
-    """A 'network' whose logits are the mixture's exact log p(y | x_t)."""
-
-    def __init__(self, gm, schedule):
-        self.gm, self.schedule, self.num_classes = gm, schedule, gm.num_components
-
-    def apply(self, params, x, t):
-        return self.gm.log_posterior(x, self.schedule.alpha_bar(t))
+    logits = (lambda p, x, t: gm.log_posterior(x, schedule.alpha_bar(t))) if classifier else None
+    return Pipeline(lambda p, x, t, y: exact(x, t, y), {}, schedule, conditions.Labels(gm.num_components), (2,),
+                    clip_x0=None, classifier=logits)
 
 
 def share(gm, x, k):
@@ -54,17 +47,22 @@ def test_negative_condition_gives_the_closed_form(overlapping2d, linear_schedule
 
 
 def test_exact_classifier_guidance_at_gamma_one_is_the_conditional(mixture2d, linear_schedule):
-    pipe = mixture_pipeline(mixture2d, linear_schedule, classifier=(ExactClassifier(mixture2d, linear_schedule), None))
+    pipe = mixture_pipeline(mixture2d, linear_schedule, classifier=True)
     x = pipe.sample(np.full(3000, 1), gamma=1.0, seed=5)
     assert share(mixture2d, x, 1) > 0.97
     with pytest.raises(ValueError, match="needs classifier-free guidance"):
         pipe.sample([1], negative=[0])
 
 
-def test_classifier_must_know_the_u_nets_classes(mixture2d, linear_schedule):
-    config = {"num_classes": 4, "image_shape": [2]}
-    with pytest.raises(ValueError, match="classifier knows 3 classes, the U-Net 4"):
-        Pipeline.for_labels(None, None, linear_schedule, config, classifier=(ExactClassifier(mixture2d, linear_schedule), None))
+def test_classifier_must_know_the_u_nets_classes_and_schedule():
+    from jaxdiff import specs
+
+    unet = specs.LabelUNet(num_classes=4, channels=(8, 16), image_shape=(8, 8, 1))
+    for clf, msg in [(specs.NoisyClassifier(num_classes=3, image_shape=(8, 8, 1)), "classifier knows 3 classes, the U-Net 4"),
+                     (specs.NoisyClassifier(num_classes=4, image_shape=(8, 8, 1),
+                                            schedule=specs.linear_schedule(500)), "another schedule")]:
+        with pytest.raises(ValueError, match=msg):
+            Pipeline.for_labels(unet, None, None, classifier=(clf, None, None))
 
 
 def test_per_example_gamma_and_seeds(mixture2d, linear_schedule):
@@ -72,15 +70,56 @@ def test_per_example_gamma_and_seeds(mixture2d, linear_schedule):
     a = pipe.sample([0, 1], gamma=[1.0, 2.0], seed=0, steps=5)
     b = pipe.sample([0, 1], gamma=[1.0, 2.0], seed=0, steps=5)
     np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="gamma has 3 values for 2 images"):
+    with pytest.raises(ValueError, match="gamma must be a real number or 2 of them"):
         pipe.sample([0, 1], gamma=[1.0, 2.0, 3.0])
-    for kwargs, msg in [({"condition": [3]}, r"labels must be in 0..2"), ({"condition": []}, "empty"),
-                        ({"condition": [0.5]}, "integer class labels"), ({"condition": [0], "negative": [0, 1, 2]},
-                                                                          "negative has 3 entries for 1 images"),
-                        ({"condition": [0], "steps": 0}, "steps must be at least 1"),
-                        ({"condition": [0], "gamma": np.inf}, "gamma must be finite")]:
-        with pytest.raises(ValueError, match=msg):
-            pipe.sample(**kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm", "euler_a"])
+def test_image_i_depends_on_seed_and_i_alone(mixture2d, linear_schedule, sampler):
+    """Not on the batch it was drawn in: the first three of nine images are the three asked alone."""
+    pipe = mixture_pipeline(mixture2d, linear_schedule)
+    nine = pipe.sample([0, 1, 2, 0, 1, 2, 0, 1, 2], gamma=2.0, sampler=sampler, steps=10, seed=7)
+    three = pipe.sample([0, 1, 2], gamma=2.0, sampler=sampler, steps=10, seed=7)
+    np.testing.assert_allclose(nine[:3], three, atol=1e-5)
+    assert not np.allclose(nine[:3], nine[3:6])  # the same labels, other images
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"condition": [3]}, r"labels must be in 0..2, got 3..3"),
+    ({"condition": []}, "labels is empty"),
+    ({"condition": [0.5]}, "integer class labels"),
+    ({"condition": [1.0]}, "integer class labels"),
+    ({"condition": [[1, 2], [0, 1]]}, "1-D sequence"),
+    ({"condition": np.zeros((1, 14, 14, 1), np.uint8)}, "1-D sequence of integer class labels, got an array of uint8"),
+    ({"condition": [2**32 + 1]}, r"must be in 0..2, got 4294967297"),
+    ({"condition": np.array([1e10])}, "integer class labels"),
+    ({"condition": [True]}, "integer class labels"),
+    ({"condition": "1"}, "integer or a 1-D sequence"),
+    ({"condition": [0], "negative": [0, 1, 2]}, "negative has 3 entries for 1 images"),
+    ({"condition": [0], "steps": 0}, "steps must be a positive integer, got 0"),
+    ({"condition": [0], "steps": 2.7}, "steps must be a positive integer, got 2.7"),
+    ({"condition": [0], "steps": 1001}, "steps must be at most 1000"),
+    ({"condition": [0], "seed": "abc"}, "seed must be an integer in 0..2\\*\\*32-1, got 'abc'"),
+    ({"condition": [0], "seed": 1.5}, "seed must be an integer"),
+    ({"condition": [0], "seed": 2**64}, "seed must be an integer"),
+    ({"condition": [0], "seed": -1}, "seed must be an integer"),
+    ({"condition": [0], "gamma": "abc"}, "gamma must be a real number"),
+    ({"condition": [0], "gamma": np.inf}, "gamma must be finite"),
+    ({"condition": [0], "sampler": "plms"}, "unknown sampler 'plms'"),
+    ({"condition": [0], "sampler": "ddim", "eta": -1.0}, "eta must be a finite number >= 0"),
+])
+def test_bad_inputs_are_refused_naming_the_argument(mixture2d, linear_schedule, kwargs, msg):
+    pipe = mixture_pipeline(mixture2d, linear_schedule)
+    with pytest.raises(ValueError, match=msg):
+        pipe.sample(**kwargs)
+
+
+def test_settings_a_sampler_ignores_are_not_checked(mixture2d, linear_schedule):
+    """DDPM walks all T steps and takes no eta; DPM-Solver++ takes no eta."""
+    pipe = mixture_pipeline(mixture2d, linear_schedule)
+    assert pipe.sample([0], sampler="ddpm", steps=0, eta=-3.0).shape == (1, 2)
+    assert pipe.sample([0], sampler="dpm++", steps=3, eta="anything").shape == (1, 2)
+    assert pipe.sample(np.int64(1), steps=3).shape == (1, 2)  # one NumPy integer is one image
 
 
 def test_low_res_condition():

@@ -1,4 +1,5 @@
-"""Training step, data parallelism on simulated CPU devices, checkpoints: exact resume and a kill mid-save."""
+"""Training step, data parallelism on simulated CPU devices (every loss), EMA, checkpoints: exact
+resume and a kill mid-save."""
 
 import os
 import subprocess
@@ -8,21 +9,22 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxdiff import schedules, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
-from jaxdiff.nets.unet import UNet
+from jaxdiff.nets.unet import textbook_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = UNet(num_classes=10, channels=(8, 16), cond_dim=32)
+MODEL = textbook_unet(num_classes=10, channels=(8, 16), cond_dim=32)
 SCHED = schedules.linear(100)
 
 
-def setup(seed=0):
+def setup(seed=0, tx=None):
     x = jnp.zeros((1, 8, 8, 1))
     params = MODEL.init(jax.random.key(seed), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
-    tx = train.make_optimizer(train.OptimConfig(learning_rate=1e-3, warmup_steps=2))
+    tx = tx or train.make_optimizer(train.OptimConfig(learning_rate=1e-3, warmup_steps=2))
     loss_fn = train.diffusion_loss(MODEL.apply, SCHED, p_uncond=0.1, null_label=10)
     return train.init_state(params, tx, seed), tx, loss_fn
 
@@ -66,37 +68,86 @@ def test_label_dropout_is_per_example_at_the_asked_rate():
         return jnp.zeros_like(x)
 
     loss_fn = train.diffusion_loss(spy, SCHED, p_uncond=0.25, null_label=10)
-    loss_fn(None, jnp.zeros((4000, 2, 2, 1), jnp.uint8), jnp.zeros((4000,), jnp.int32), jax.random.PRNGKey(0), 0)
+    loss_fn(None, jnp.zeros((4000, 2, 2, 1), jnp.uint8), jnp.zeros((4000,), jnp.int32), jax.random.PRNGKey(0),
+            train.Shard())
     frac = float(jnp.mean(seen[0] == 10))
     assert abs(frac - 0.25) < 0.03  # per example, not all-or-nothing
 
 
+def test_ema_warms_up_so_a_short_run_is_not_stuck_at_the_initialisation():
+    """With decay min(0.999, (1 + n) / (10 + n)), the EMA after n steps is a weighted mean of the
+    recent parameters, not 0.999^n of the way from the start: on a stream of constant targets it
+    equals the closed form of that recursion, and after 300 steps it has moved almost all the way."""
+    decays = np.array([float(train.ema_decay_at(n, 0.999)) for n in range(300)])
+    np.testing.assert_allclose(decays[:3], [0.1, 2 / 11, 3 / 12], rtol=1e-6)
+    assert decays[-1] < 0.999 and float(train.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
+    # the EMA of params that jump from 0 to 1 at step 0 and stay there: 1 - prod(decays)
+    kept = float(np.prod(decays))
+    assert kept < 0.04  # a plain 0.999 from step one would keep 0.999**300 = 0.74 of the start
+    state, _, loss_fn = setup(tx=optax.sgd(0.0))
+    target = jax.tree.map(jnp.ones_like, state.params)
+    state = state.replace(params=target, ema_params=jax.tree.map(jnp.zeros_like, target))
+    step = jax.jit(train.scan_steps(train.make_train_step(loss_fn, optax.sgd(0.0), 0.999)))
+    new, _ = step(state, batches(300))
+    np.testing.assert_allclose(jax.tree.leaves(new.ema_params)[0], 1 - kept, rtol=1e-4)
+
+
 def test_data_parallel_on_4_cpu_devices_equals_single_device():
-    """Run in a subprocess: the device count must be set before JAX starts."""
+    """Every loss, on 4 simulated devices, computes what one device computes on the same global batch:
+    the diffusion loss (per-example noise from the global index), the autoencoder's loss (per-example
+    latent noise) and the contrastive loss (negatives gathered from every device). Plain SGD, so the
+    updates are the gradients themselves (Adam would hide a gradient scaled by the device count).
+    In a subprocess: the device count must be set before JAX starts."""
     code = textwrap.dedent(
         """
-        import jax, numpy as np
+        import jax, jax.numpy as jnp, numpy as np, optax
         jax.config.update("jax_num_cpu_devices", 4)
         import sys; sys.path.insert(0, "tests")
         from test_train import setup, batches, tree_close
-        from jaxdiff import train
+        from jaxdiff import specs, train
         assert jax.device_count() == 4, jax.devices()
-        state, tx, loss_fn = setup()
-        xs, ys = batches(3, batch=8)
-        single, m1 = jax.jit(train.scan_steps(train.make_train_step(loss_fn, tx, 0.9)))(state, (xs, ys))
         mesh = train.make_mesh()
-        multi = train.data_parallel(loss_fn, tx, 0.9, mesh)
-        par, m4 = multi(train.replicate(state, mesh), train.shard_batches((xs, ys), mesh))
-        np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=2e-5)
-        tree_close(single.params, par.params, rtol=2e-4, atol=2e-6)
-        tree_close(single.ema_params, par.ema_params, rtol=2e-4, atol=2e-6)
-        assert int(par.step) == 3
+
+        def check(loss_fn, params, data, name, adam=False):
+            for tx in [optax.sgd(1e-4)] + [train.make_optimizer(train.OptimConfig(warmup_steps=1))] * adam:
+                state = train.init_state(params, tx, 0)
+                single, m1 = jax.jit(train.scan_steps(train.make_train_step(loss_fn, tx, 0.9)))(state, data)
+                par, m4 = train.data_parallel(loss_fn, tx, 0.9, mesh)(train.replicate(state, mesh),
+                                                                     train.shard_batches(data, mesh))
+                np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=2e-5, err_msg=name)
+                for a, b, p0 in zip(*(jax.tree.leaves(t) for t in (single.params, par.params, params))):
+                    d1, d4 = np.asarray(a) - np.asarray(p0), np.asarray(b) - np.asarray(p0)  # the updates
+                    np.testing.assert_allclose(d4, d1, rtol=1e-3, atol=1e-3 * np.abs(d1).max() + 1e-9, err_msg=name)
+                tree_close(single.ema_params, par.ema_params, rtol=2e-4, atol=2e-6)
+                assert int(par.step) == data[0].shape[0]
+
+        state, tx, loss_fn = setup()
+        check(loss_fn, state.params, batches(3, batch=8), "diffusion", adam=True)
+        ae = specs.Autoencoder(channels=(8, 8, 8), image_shape=(28, 28, 1))
+        rng = np.random.default_rng(0)
+        images = (rng.integers(0, 256, (2, 8, 28, 28, 1), dtype=np.uint8), np.zeros((2, 8), np.int32))
+        check(train.vae_loss(ae.module()), ae.init(0), images, "autoencoder")
+        clip = specs.ContrastiveText(vocab=("a", "b", "c"), max_len=4, width=16)
+        text, image = clip.module()
+        ids = np.array([[[2, 4, 3, 0]], [[2, 5, 3, 0]], [[2, 6, 3, 0]], [[2, 3, 0, 0]]], np.int32)  # 3 labels + null
+        labelled = (images[0], rng.integers(0, 3, (2, 8)).astype(np.int32))
+        check(train.contrastive_loss(text, image, ids, ids != 0), clip.init(0), labelled, "contrastive")
         print("OK")
         """
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_contrastive_loss_sees_the_whole_batch_not_only_local_negatives():
+    """The gather matters: the loss of 8 examples split in 2 halves, each half alone, differs from the
+    loss over all 8 (so a data-parallel run without the gather trains another objective)."""
+    rng = np.random.default_rng(1)
+    img, txt = jnp.asarray(rng.normal(size=(8, 5))), jnp.asarray(rng.normal(size=(8, 5)))
+    whole = float(train.clip_loss(img, txt, 1.0))
+    halves = 0.5 * (float(train.clip_loss(img[:4], txt[:4], 1.0)) + float(train.clip_loss(img[4:], txt[4:], 1.0)))
+    assert abs(whole - halves) > 0.1
 
 
 CONFIG = {"model": "unet", "channels": [8, 16], "schedule": "linear", "num_timesteps": 100, "dataset": "toy"}
@@ -112,7 +163,7 @@ def test_resume_is_exact(tmp_path):
     state0, tx, loss_fn = setup()
     data = batches(6)
     straight = run_steps(state0, tx, loss_fn, 0, 6, data)
-    ckpt = Checkpoints(str(tmp_path / "ck"))
+    ckpt = Checkpoints(str(tmp_path / "ck"), create=True)
     half = run_steps(state0, tx, loss_fn, 0, 3, data)
     ckpt.save(3, half, CONFIG)
     ckpt.wait()
@@ -129,7 +180,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_mismatched_configuration_names_the_setting(tmp_path):
     state, _, _ = setup()
-    ckpt = Checkpoints(str(tmp_path / "ck"))
+    ckpt = Checkpoints(str(tmp_path / "ck"), create=True)
     ckpt.save(1, state, CONFIG)
     ckpt.wait()
     with pytest.raises(ConfigMismatch, match="num_timesteps: checkpoint has 100, this run has 1000"):
@@ -146,7 +197,7 @@ def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
         from jaxdiff.checkpoint import Checkpoints
         from orbax.checkpoint._src.path import async_path
         state, _, _ = setup()
-        ckpt = Checkpoints({str(tmp_path / "ck")!r})
+        ckpt = Checkpoints({str(tmp_path / "ck")!r}, create=True)
         ckpt.save(1, state, CONFIG); ckpt.wait()
         async def die(*a, **k):
             os.kill(os.getpid(), signal.SIGKILL)

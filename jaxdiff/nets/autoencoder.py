@@ -95,17 +95,3 @@ def gaussian_kl(mean, logvar):
     """KL(N(mean, exp(logvar)) || N(0, I)) per example, summed over the latent."""
     kl = 0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar)
     return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
-
-
-def vae_loss(apply_fn, *, kl_weight: float = 1e-4):
-    """Pixel MSE (summed per image) + kl_weight * KL, averaged over the batch, as
-    ``loss_fn(params, x_uint8, y, key, offset)`` for ``jaxdiff.train``. Labels are unused."""
-    from jaxdiff.data import to_float
-
-    def loss_fn(params, x_uint8, y, key, offset):
-        x = to_float(x_uint8)
-        recon, mean, logvar = apply_fn(params, x, jax.random.fold_in(key, offset))
-        mse = jnp.sum((recon - x) ** 2, axis=(1, 2, 3))
-        return jnp.mean(mse + kl_weight * gaussian_kl(mean, logvar))
-
-    return loss_fn

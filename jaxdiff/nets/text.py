@@ -8,7 +8,6 @@ import re
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -108,21 +107,3 @@ class ImageEncoder(nn.Module):
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.embed_dim, use_bias=False)(h)
-
-
-def clip_loss(image_emb, text_emb, logit_scale, groups=None):
-    """Symmetric InfoNCE: cross-entropy of image->text and text->image over cosine similarities
-    times exp(logit_scale); matching pairs share a row index.
-
-    With ``groups`` (B,), every pair in the same group is a positive, with the target mass
-    split evenly among them: captions made from labels repeat within a batch, and calling
-    a same-class caption a negative would teach the encoders to separate identical meanings.
-    """
-    img = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
-    txt = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
-    logits = jnp.exp(logit_scale) * img @ txt.T
-    n = logits.shape[0]
-    same = jnp.eye(n) if groups is None else (groups[:, None] == groups[None, :]).astype(logits.dtype)
-    targets = same / jnp.sum(same, axis=-1, keepdims=True)
-    ce = lambda lg: -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(lg, axis=-1), axis=-1))
-    return 0.5 * (ce(logits) + ce(logits.T))

@@ -1,0 +1,242 @@
+"""The training loop: any model spec, any loss, any batch source, checkpointed and resumable.
+
+    from jaxdiff import data, specs, train, trainer
+    spec = specs.LabelUNet(num_classes=10)
+    loss = train.diffusion_loss(spec.eps_model(spec.module()), spec.build_schedule(), p_uncond=0.1, null_label=10)
+    images, labels = data.load("fashion_mnist", data_dir="...")
+    config = trainer.TrainConfig(steps=2000, batch_size=128)
+    result = trainer.fit(spec, loss, data.Batches(images, labels, 128, seed=0), config, directory="run/checkpoints")
+    # interrupted? the same call with resume=True continues from the newest intact checkpoint, exactly
+
+Every ``save_every`` steps (and at the end) the state is saved with orbax; a resume checks that
+the spec, the settings that change what the run computes (``TrainConfig.MEANING``) and the
+caller's ``meta`` are those of the checkpoint, and raises ``ConfigMismatch`` naming each one that
+is not. Several steps run per device call (``steps_per_dispatch``) over the data-parallel mesh;
+updates with a non-finite loss or gradient are skipped and counted. Progress goes to stderr,
+the loss to an optional CSV. Failures are exceptions, never exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable, ClassVar
+
+import jax
+import numpy as np
+from etils import epath
+
+from jaxdiff import distributed, train
+from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
+
+__all__ = ["TrainConfig", "TrainResult", "RunExists", "ConfigMismatch", "fit", "Progress", "LossLog"]
+
+
+class RunExists(ValueError):
+    """The checkpoint folder already holds a run and ``resume`` was not asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to optimise. The settings in ``MEANING`` change what the run computes, so a
+    resume must agree with the checkpoint in them; the others (length, checkpoint cadence, steps
+    per device call) may change between the two halves of a run."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    save_every: int = 1000
+    keep: int = 3
+    steps_per_dispatch: int = 50
+
+    MEANING: ClassVar[tuple] = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "ema_decay", "seed")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "save_every", "keep", "steps_per_dispatch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, (int, np.integer)) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite positive number, got {self.learning_rate!r}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite positive number, got {self.grad_clip!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
+
+    def optimizer(self):
+        return train.make_optimizer(train.OptimConfig(self.learning_rate, self.warmup_steps, self.grad_clip,
+                                                      self.ema_decay))
+
+    def meaning(self) -> dict:
+        return {k: getattr(self, k) for k in self.MEANING}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: train.TrainState
+    start_step: int  # 0, or the step the run resumed from
+    seconds: float  # wall time of this call's training
+    images_per_second: float  # after the first dispatch, which carries the compile; nan if there was one
+
+    @property
+    def trained_steps(self) -> int:
+        return int(self.state.step) - self.start_step
+
+
+def is_writer() -> bool:
+    """Only process 0 of a multi-process run writes logs, plots and images, and prints."""
+    return jax.process_index() == 0
+
+
+class Progress:
+    """Progress on stderr: a line before the first dispatch (which compiles), then step, loss,
+    images/s and time left, at most once a second, the compile left out of the rate."""
+
+    def __init__(self, label: str, total: int, batch_size: int, stream=None):
+        self.label, self.total, self.batch = label, total, batch_size
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_print, self.warm_from, self.warm_steps = 0.0, None, 0
+
+    def start(self, step: int, devices: int) -> None:
+        self._print(f"{self.label}: compiling the training step (batch {self.batch} over {devices} device"
+                    f"{'s' if devices > 1 else ''}), then steps {step}..{self.total} ...", end=True)
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, count: int, loss: float) -> None:
+        now = time.perf_counter()
+        if self.warm_from is None:  # the first dispatch: compile + count steps
+            self.warm_from = now
+            self._print(f"{self.label}: first {count} steps (with compile) took {now - self.t0:.1f}s", end=True)
+        else:
+            self.warm_steps += count
+        if now - self.last_print < 1.0 and step < self.total:
+            return
+        self.last_print = now
+        rate = self.warm_steps / (now - self.warm_from) if self.warm_steps else float("nan")
+        left = f"{(self.total - step) / rate:,.0f}s left" if rate == rate and rate > 0 else "time left: measuring"
+        bar = "#" * int(20 * step / self.total)
+        img = f"{rate * self.batch:,.0f} img/s" if rate == rate else "- img/s"
+        self._print(f"{self.label} [{bar:<20}] {step}/{self.total} loss {loss:.4f} {img} {left}")
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream, flush=True)
+
+    def _print(self, line: str, end: bool = False) -> None:
+        if self.tty and not end:  # one line rewritten in place
+            print("\r" + line, end="", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+class LossLog:
+    """``step,loss`` rows in a CSV; a resumed run first drops the rows past its checkpoint."""
+
+    def __init__(self, path, resume_step: int = 0):
+        self.path = epath.Path(path)
+        rows = self.path.read_text().splitlines() if resume_step and self.path.exists() else []
+        kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step]
+        self._write(["step,loss", *kept])
+
+    def append(self, first_step: int, losses) -> None:
+        with self.path.open("a") as f:
+            f.writelines(f"{first_step + i},{float(v):.6f}\n" for i, v in enumerate(losses))
+
+    def _write(self, rows) -> None:
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("\n".join(rows) + "\n")
+        tmp.replace(self.path)
+
+
+def checkpoint_config(spec, config: TrainConfig, meta: dict | None) -> dict:
+    """What a checkpoint records about its run, and what a resume must agree with."""
+    return {"spec": spec.to_dict() if spec is not None else None, "train": config.meaning(), "meta": meta or {}}
+
+
+def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None, params: Any = None,
+          resume: bool = False, meta: dict | None = None, devices=None, loss_log=None,
+          progress: bool | Progress = True, label: str = "train") -> TrainResult:
+    """Train ``params`` (default: ``spec.init(config.seed)``) on ``loss_fn`` for ``config.steps`` steps.
+
+    ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
+    leading axis (``jaxdiff.data.Batches`` does, deterministically from its seed, so a resumed run
+    sees the batches the uninterrupted run would have). ``directory``: the checkpoint folder
+    (None: no checkpoints). ``resume``: continue from its newest intact checkpoint; without it, a
+    folder that already holds checkpoints raises ``RunExists``. A resume whose checkpoint is at or
+    past ``config.steps`` trains nothing and returns the restored state. ``meta``: JSON-able
+    settings of the caller's (dataset, loss weights) that a resume must match too.
+    """
+    tx = config.optimizer()
+    if params is None:
+        params = spec.init(config.seed)
+    devices = list(jax.devices() if devices is None else devices)
+    if getattr(batches, "batch_size", config.batch_size) != config.batch_size:
+        raise ValueError(f"the batches hold {batches.batch_size} examples, the config says batch_size {config.batch_size}")
+    if config.batch_size % len(devices):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} devices")
+    mesh = train.make_mesh(devices)
+    # replicated over the mesh before a restore, so orbax restores into globally sharded arrays
+    state = train.replicate(train.init_state(params, tx, config.seed), mesh)
+    saved = checkpoint_config(spec, config, meta)
+    if directory is not None:
+        distributed.check_shared_folder(directory)
+    ckpt = Checkpoints(directory, max_to_keep=config.keep, create=True) if directory is not None else None
+    try:
+        start = 0
+        if ckpt is not None and ckpt.latest_step() is not None:
+            if not resume:
+                raise RunExists(f"{ckpt.directory} already holds checkpoints (steps {ckpt.steps()}): "
+                                f"resume to continue, or choose another folder")
+            state = ckpt.restore(state, saved, step=None)
+            start = int(state.step)
+        if start >= config.steps:
+            return TrainResult(state, start, 0.0, float("nan"))
+        log = LossLog(loss_log, start) if loss_log is not None and is_writer() else None
+        result = _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label)
+        if ckpt is not None:
+            ckpt.wait()
+        return result
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label) -> TrainResult:
+    multi_step = train.data_parallel(loss_fn, tx, config.ema_decay, mesh)
+    start = step = int(state.step)
+    show = progress if isinstance(progress, Progress) else (
+        Progress(label, config.steps, config.batch_size) if progress and is_writer() else None)
+    if show:
+        show.start(step, mesh.devices.size)
+    t0, warm_t, warm_images = time.perf_counter(), None, 0
+    while step < config.steps:
+        k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
+        state, metrics = multi_step(state, train.shard_batches(batches.stack(step, k), mesh))
+        losses = np.asarray(metrics["loss"])  # one host sync per dispatch
+        if warm_t is None:
+            warm_t = time.perf_counter()
+        else:
+            warm_images += k * config.batch_size
+        if log is not None:
+            log.append(step + 1, losses)
+        step += k
+        if show:
+            show.update(step, k, float(losses.mean()))
+        if ckpt is not None and (step % config.save_every == 0 or step == config.steps):
+            ckpt.save(step, state, saved)
+    if show:
+        show.close()
+    rate = warm_images / (time.perf_counter() - warm_t) if warm_images else float("nan")
+    return TrainResult(state, start, time.perf_counter() - t0, rate)
