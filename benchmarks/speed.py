@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance, sampling, schedules, train
-from jaxdiff.nets.unet import UNet
+from jaxdiff.nets.unet import textbook_unet
 
 
 def timed(fn, repeats: int) -> float:
@@ -70,10 +70,10 @@ def flops(jitted, *args) -> float:
 class JaxBench:
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
-        self.model = UNet(channels=args.channels, dtype=dtype)
+        self.model = textbook_unet(channels=args.channels, dtype=dtype)
         self.sched = schedules.linear(args.timesteps)
         x = jnp.zeros((1, 28, 28, 1))
-        self.params = UNet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+        self.params = textbook_unet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
         self.tx = train.make_optimizer(train.OptimConfig())
         self.loss = train.diffusion_loss(self.model.apply, self.sched, p_uncond=0.1, null_label=10)
 
@@ -110,7 +110,7 @@ class JaxBench:
         def generate(params, labels, key):
             eps = guidance.cfg(lambda x, t, y: model.apply(params, x, t, y), labels, 10, 3.0)
             k1, k2 = jax.random.split(key)
-            return sampling.ddpm(eps, self.sched, jax.random.normal(k1, (labels.shape[0], 28, 28, 1)), k2)
+            return sampling.ddpm(eps, self.sched, jax.random.normal(k1, (labels.shape[0], 28, 28, 1)), key=k2)
 
         labels = jnp.arange(batch) % 10
         sec = timed(lambda: generate(self.params, labels, jax.random.key(1)).block_until_ready(), self.args.sample_repeats)

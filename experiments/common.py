@@ -1,28 +1,69 @@
-"""What the experiments share: flags, data loading, the training loop, checkpoints, outputs."""
+"""CLI glue the experiments share: flags, turning them into library calls, files out, errors out.
+
+Training, checkpoints, specs, samplers and the judge live in ``jaxdiff``; here flags become a
+``TrainConfig`` and a spec, library exceptions become one line on stderr and exit status 2, and
+results become PNGs and plots (only on process 0 of a multi-process run).
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import math
-import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from experiments.png import grid, line_plot, upscale, write_png
-from jaxdiff import data, train
-from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
-from jaxdiff.pipeline import MUST_MATCH, SAMPLERS, init_params, load_model, model_from_config, schedule_from_config
+from experiments.png import grid, upscale, write_png
+from jaxdiff import data, distributed, sampling, trainer
+from jaxdiff.checkpoint import CheckpointError, ConfigMismatch
+
+# the flag behind each setting a resume must match (ConfigMismatch names settings)
+FLAGS = {"train.seed": "--seed", "train.batch_size": "--batch-size", "train.learning_rate": "--lr",
+         "train.warmup_steps": "--warmup", "train.ema_decay": "--ema", "meta.dataset": "--dataset",
+         "meta.split": "--split", "meta.p_uncond": "--p-uncond", "meta.kl_weight": "--kl-weight",
+         "spec.channels": "--channels", "spec.blocks_per_level": "--blocks-per-level",
+         "spec.attention_levels": "--attention-levels"}
+
+
+class Failure(Exception):
+    """An expected failure of a CLI run: reported in one line, exit status 2."""
+
+
+class NothingToDo(Exception):
+    """A resume whose checkpoint is already at or past --steps: outputs are left alone."""
 
 
 def positive_int(s):
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def seed_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..2**32-1, got {s!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..2**32-1, got {s}")
+    return v
+
+
+def finite_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
     return v
 
 
@@ -30,39 +71,69 @@ def finite_floats(s):
     try:
         vals = [float(v) for v in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
     if not all(math.isfinite(v) for v in vals):
         raise argparse.ArgumentTypeError(f"every value must be finite, got {s!r}")
     return vals
 
 
+def channels(s):
+    try:
+        ch = tuple(int(c) for c in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {s!r}") from None
+    if not ch or min(ch) < 4 or any(c % 4 for c in ch):
+        raise argparse.ArgumentTypeError(f"must be positive multiples of 4, got {s!r}")
+    return ch
+
+
+def levels(s):
+    try:
+        return tuple(sorted({int(v) for v in s.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {s!r}") from None
+
+
+def probability(s):
+    v = finite_float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
 def parser(description: str, steps: int, batch_size: int, out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(data.DATASETS), default="mnist")
-    g.add_argument("--data-dir", default=None, help=f"folder with the IDX .gz files (else ${data.ENV_DIR}, else download via tensorflow-datasets)")
+    g.add_argument("--data-dir", default=None, help=f"folder with the IDX .gz files (else ${data.ENV_DIR}, else "
+                                                    f"download via tensorflow-datasets)")
     g.add_argument("--split", choices=["train", "test"], default="train", help="split to train on")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=positive_int, default=steps, help="optimisation steps")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size, help="global batch, split over devices")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after warmup")
-    g.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled parameters")
-    g.add_argument("--channels", default="64,128,256", help="channels per U-Net level")
+    g.add_argument("--steps", type=positive_int, default=steps, help=f"optimisation steps (default {steps})")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"global batch, split over devices (default {batch_size})")
+    g.add_argument("--lr", type=finite_float, default=1e-3, help="Adam learning rate after warmup (default 1e-3)")
+    g.add_argument("--warmup", type=int, default=200, help="linear warmup steps (default 200)")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled parameters, reached after a "
+                                                            "warm-up of min(decay, (1+n)/(10+n)) (default 0.999)")
+    g.add_argument("--channels", type=channels, default=(64, 128, 256), help="channels per U-Net level (default 64,128,256)")
     g.add_argument("--blocks-per-level", type=positive_int, default=1, help="conv blocks per U-Net level")
-    g.add_argument("--attention-levels", default="", help="U-Net levels (0 = full resolution) with self-attention, e.g. 2 or 1,2")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
+    g.add_argument("--attention-levels", type=levels, default=(), help="U-Net levels (0 = full resolution) with "
+                                                                       "self-attention, e.g. 2 or 1,2")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
     g.add_argument("--steps-per-dispatch", type=positive_int, default=50, help="steps scanned in one device call")
-    g.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0 = all local)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0 = all)")
+    g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("checkpoints and output")
-    g.add_argument("--out", default=out, help="output folder: checkpoints, PNGs, loss CSV")
+    g.add_argument("--out", default=out, help=f"output folder or URI: checkpoints, PNGs, loss CSV (default {out})")
     g.add_argument("--save-every", type=positive_int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep", type=positive_int, default=3, help="checkpoints kept")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     g = p.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=SAMPLERS, default="dpm++")
+    g.add_argument("--sampler", choices=tuple(sampling.SAMPLERS), default="dpm++")
     g.add_argument("--sample-steps", type=positive_int, default=20, help="sampler steps (ddpm always uses T)")
+    distributed.add_flags(p)
     return p
 
 
@@ -77,209 +148,174 @@ def compute_dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
+def check_levels(args, num_levels: int):
+    if any(not 0 <= v < num_levels for v in args.attention_levels):
+        raise Failure(f"--attention-levels must be in 0..{num_levels - 1} for {num_levels} levels, "
+                      f"got {','.join(map(str, args.attention_levels))}")
 
 
-def load_data(args):
-    try:
-        return data.load(args.dataset, args.split, args.data_dir)
-    except (data.DataUnavailable, ValueError) as err:
-        fail(str(err))
+def load_data(args, split: str | None = None):
+    """(images, labels) of --dataset; with several processes, every process holds them all (they
+    are small) and builds its own rows of each global batch."""
+    return data.load(args.dataset, split or args.split, args.data_dir)
 
 
-def parse_channels(s: str):
-    try:
-        ch = tuple(int(c) for c in s.split(","))
-    except ValueError:
-        fail(f"--channels must be comma-separated integers, got {s!r}")
-    if not ch or min(ch) < 4 or any(c % 4 for c in ch):
-        fail(f"--channels must be positive multiples of 4, got {s!r}")
-    return ch
-
-
-def parse_levels(s: str, num_levels: int) -> list[int]:
-    try:
-        levels = sorted({int(v) for v in s.split(",") if v.strip()})
-    except ValueError:
-        fail(f"--attention-levels must be comma-separated integers, got {s!r}")
-    if any(not 0 <= v < num_levels for v in levels):
-        fail(f"--attention-levels must be in 0..{num_levels - 1} for {num_levels} levels, got {s!r}")
-    return levels
-
-
-class Progress:
-    """One line of progress on stderr: step, loss, images/s, time left."""
-
-    def __init__(self, total: int, batch_size: int, label: str):
-        self.total, self.batch, self.label = total, batch_size, label
-        self.t0, self.last_print, self.images = time.perf_counter(), 0.0, 0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, images: int, rate_start: float | None = None):
-        now = time.perf_counter()
-        self.images += images
-        if now - self.last_print < 1.0 and step < self.total:
-            return
-        self.last_print = now
-        rate = self.images / max(now - (rate_start or self.t0), 1e-9)
-        left = (self.total - step) * self.batch / max(rate, 1e-9)
-        bar = "#" * int(20 * step / self.total)
-        line = f"{self.label} [{bar:<20}] {step}/{self.total} loss {loss:.4f} {rate:,.0f} img/s {left:,.0f}s left"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr)
-
-
-def run_training(args, config: dict, params, loss_fn, images, labels, out_dir: str, label: str):
-    """Train with checkpoints and resume; returns (state, seconds, images/s after the first dispatch)."""
-    devices = jax.local_devices()
+def devices(args):
+    all_devices = jax.devices()
     if args.devices:
-        if args.devices > len(devices):
-            fail(f"--devices {args.devices} asked for, only {len(devices)} present")
-        devices = devices[: args.devices]
-    if args.batch_size % len(devices):
-        fail(f"--batch-size {args.batch_size} must be divisible by the {len(devices)} devices")
-    mesh = train.make_mesh(devices)
-    opt = train.OptimConfig(args.lr, args.warmup, 1.0, args.ema)
-    tx = train.make_optimizer(opt)
-    multi_step = train.data_parallel(loss_fn, tx, opt.ema_decay, mesh)
-    state = train.init_state(params, tx, args.seed)
-    ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"), max_to_keep=args.keep)
-    csv_path = os.path.join(out_dir, "loss.csv")
-    if args.resume and ckpt.latest_step() is not None:
-        try:
-            state = ckpt.restore(state, config, MUST_MATCH)
-        except ConfigMismatch as err:
-            fail(str(err))
-        print(f"resumed from step {int(state.step)} in {ckpt.directory}", file=sys.stderr)
-        truncate_csv(csv_path, int(state.step))
-    elif ckpt.latest_step() is not None:
-        fail(f"{ckpt.directory} already holds checkpoints: pass --resume to continue, or choose another --out")
-    else:
-        with open(csv_path, "w") as f:
-            f.write("step,loss\n")
-    state = train.replicate(state, mesh)
-    batches = data.Batches(images, labels, args.batch_size, args.seed)
-    progress = Progress(args.steps, args.batch_size, label)
-    step = int(state.step)
-    t0, warm_t, warm_images = time.perf_counter(), None, 0
-    while step < args.steps:
-        k = min(args.steps_per_dispatch, args.steps - step, args.save_every - step % args.save_every)
-        xs, ys = batches.stack(step, k)
-        state, metrics = multi_step(state, train.shard_batches((xs, ys), mesh))
-        losses = np.asarray(metrics["loss"])  # one host sync per dispatch
-        if warm_t is None:
-            warm_t = time.perf_counter()  # the first dispatch carries the compile
-        else:
-            warm_images += k * args.batch_size
-        with open(csv_path, "a") as f:
-            f.writelines(f"{step + i + 1},{l:.6f}\n" for i, l in enumerate(losses))
-        step += k
-        progress.update(step, float(losses.mean()), k * args.batch_size)
-        if step % args.save_every == 0 or step == args.steps:
-            ckpt.save(step, state, config)
-    progress.close()
-    ckpt.wait()
-    ckpt.close()
-    seconds = time.perf_counter() - t0
-    # nan when the run had a single dispatch: no throughput apart from the compile
-    rate = warm_images / max(time.perf_counter() - warm_t, 1e-9) if warm_t and warm_images else float("nan")
-    if int(state.skipped):
-        print(f"warning: {int(state.skipped)} updates skipped for non-finite loss or gradients", file=sys.stderr)
-    write_loss_plot(csv_path, os.path.join(out_dir, "loss.png"))
-    return state, seconds, rate
+        if args.devices > len(all_devices):
+            raise Failure(f"--devices {args.devices} asked for, only {len(all_devices)} present")
+        return all_devices[: args.devices]
+    return all_devices
 
 
-def truncate_csv(csv_path: str, last_step: int):
-    """Drop loss rows logged after the checkpoint a resumed run starts from."""
-    rows = open(csv_path).read().splitlines() if os.path.exists(csv_path) else ["step,loss"]
-    kept = [rows[0]] + [r for r in rows[1:] if int(r.split(",")[0]) <= last_step]
-    with open(csv_path, "w") as f:
-        f.write("\n".join(kept) + "\n")
+def train_config(args, **changes) -> trainer.TrainConfig:
+    values = dict(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
+                  ema_decay=args.ema, seed=args.seed, save_every=args.save_every, keep=args.keep,
+                  steps_per_dispatch=args.steps_per_dispatch)
+    return trainer.TrainConfig(**{**values, **changes})
 
 
-def write_loss_plot(csv_path: str, png_path: str):
-    with open(csv_path) as f:
-        losses = [float(r["loss"]) for r in csv.DictReader(f)]
-    if losses:
-        w = max(1, len(losses) // 200)  # a running mean, so the curve is readable
-        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-        write_png(png_path, line_plot(smooth))
+def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "train", params=None,
+        config: trainer.TrainConfig | None = None, stage: bool = False) -> trainer.TrainResult:
+    """Train (or resume, with --resume) into ``out``: checkpoints/, loss.csv, loss.png. A run already at
+    --steps raises NothingToDo, unless it is one ``stage`` of several (then its state is used as it is)."""
+    out = epath.Path(out)
+    config = config or train_config(args)
+    devs = devices(args)
+    if config.batch_size % len(devs):
+        raise Failure(f"--batch-size {config.batch_size} must be divisible by the {len(devs)} devices")
+    batches = distributed.Batches(images, labels, config.batch_size, config.seed)
+    if trainer.is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{label}: {spec.kind} {getattr(spec, 'channels', '')}, {spec.num_params():,} parameters, "
+              f"{len(images)} training images, {len(devs)} x {devs[0].device_kind}", file=sys.stderr)
+    try:
+        result = trainer.fit(spec, loss_fn, batches, config, directory=out / "checkpoints", params=params,
+                             resume=args.resume, meta=meta, devices=devs, loss_log=out / "loss.csv", label=label)
+    except ConfigMismatch as err:
+        named = [f"{FLAGS.get(k, k)}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in err.diffs]
+        raise Failure(f"--resume: {out} was trained with other settings: " + "; ".join(named)) from err
+    except trainer.RunExists as err:
+        raise Failure(f"{out / 'checkpoints'} already holds checkpoints: pass --resume to continue, or choose "
+                      f"another --out") from err
+    if result.trained_steps == 0 and stage:
+        print(f"{label}: already trained ({int(result.state.step)} steps)", file=sys.stderr)
+        return result
+    if result.trained_steps == 0:
+        raise NothingToDo(f"{label}: {out} is already at step {int(result.state.step)} >= --steps {config.steps}; "
+                          f"nothing to do (outputs left as they are)")
+    if result.start_step:
+        print(f"{label}: resumed from step {result.start_step}", file=sys.stderr)
+    skipped = int(result.state.skipped)
+    if skipped:
+        print(f"warning: {skipped} updates skipped for non-finite loss or gradients", file=sys.stderr)
+    if trainer.is_writer():
+        plot_loss(out / "loss.csv", out / "loss.png", label)
+    return result
 
 
-def save_grid(path: str, images_uint8: np.ndarray, rows: int, cols: int, scale: int = 2):
-    """(rows * cols, H, W, C) uint8 images, row-major, as one PNG."""
-    write_png(path, upscale(grid(images_uint8.reshape(rows, cols, *images_uint8.shape[1:])), scale))
+@contextlib.contextmanager
+def cli(out):
+    """Run an experiment's body: expected failures (bad flags or data, an unwritable or damaged --out)
+    become one line on stderr and exit status 2, and an --out folder this run created is removed
+    again if the run fails before writing anything into it."""
+    out = epath.Path(out)
+    created = False
+    try:
+        if out.exists() and not out.is_dir():
+            raise Failure(f"--out {out} is a file, not a folder")
+        if not out.exists():
+            out.mkdir(parents=True)
+            created = True
+        elif not _writable(out):
+            raise Failure(f"--out {out} is not writable")
+        yield out
+    except NothingToDo as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(0)
+    except (Failure, ValueError, CheckpointError, data.DataUnavailable, OSError) as err:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
-def train_model(args, images, labels, out_dir: str, *, model: str, num_classes: int, p_uncond: float = 0.0,
-                channels=None, label: str = "train"):
-    """Build the configuration, the network and its loss, then train (or resume) it.
-
-    ``model="unet"`` trains eps_theta(x_t, t, y) with labels dropped with probability ``p_uncond``
-    (1.0: an unconditional model, every label the null one); ``model="classifier"`` trains the
-    noisy classifier. Returns (config, network, state, schedule, seconds, images/s).
-    """
-    unet = model == "unet"
-    small = {"classifier": 128, "eval_classifier": None}
-    channels = channels or parse_channels(args.channels)
-    config = dict(model=model, num_classes=num_classes, channels=channels,
-                  blocks_per_level=args.blocks_per_level if unet else None,
-                  attention_levels=parse_levels(args.attention_levels, len(channels)) if unet else None,
-                  cond_dim=256 if unet else small[model], schedule="linear", num_timesteps=1000,
-                  image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
-                  batch_size=args.batch_size, lr=args.lr, p_uncond=p_uncond, seed=args.seed)
-    dtype = compute_dtype(args.dtype)
-    net = model_from_config(config, dtype)
-    params = init_params(model_from_config(config), config, args.seed)
-    schedule = schedule_from_config(config)
-    if unet:
-        loss_fn = train.diffusion_loss(net.apply, schedule, p_uncond=p_uncond, null_label=num_classes)
-    elif model == "classifier":
-        loss_fn = train.classifier_loss(net.apply, schedule)
-    else:
-        loss_fn = train.clean_classifier_loss(net.apply)
-    print(f"{args.dataset}/{args.split}: {len(images)} images; {model} {tuple(config['channels'])}, "
-          f"{sum(a.size for a in jax.tree.leaves(params)):,} parameters, {jnp.dtype(dtype).name} compute, "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}", file=sys.stderr)
-    state, seconds, rate = run_training(args, config, params, loss_fn, images, labels, out_dir, label)
-    return config, net, state, schedule, seconds, rate
+def _writable(folder: epath.Path) -> bool:
+    probe = folder / ".jaxdiff-write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
 
 
-JUDGE_CHANNELS = (32, 64, 128)
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, PermissionError) and err.filename:
+        return f"cannot write {err.filename}: permission denied"
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return "; ".join(ln.strip() for ln in lines) if lines else type(err).__name__
 
 
-def judge(args, directory: str, steps: int = 3000):
-    """The evaluation classifier in ``directory``, trained there first (on the real training split of
-    --dataset, ``steps`` steps of batch 256) if it holds none. Returns jitted (logits_fn, features_fn) of uint8 images."""
-    ckpt_dir = os.path.join(directory, "checkpoints")
-    def trained() -> bool:
-        with Checkpoints(ckpt_dir) as ckpt:
-            return ckpt.latest_step() is not None
-
-    if not (os.path.isdir(ckpt_dir) and trained()):
-        os.makedirs(directory, exist_ok=True)
-        train_args = override(args, split="train", out=directory, resume=False, steps=steps,
-                              batch_size=min(256, args.batch_size), lr=1e-3, warmup=200)
-        images, labels = load_data(train_args)
-        train_model(train_args, images, labels, directory, model="eval_classifier",
-                    num_classes=data.NUM_CLASSES[args.dataset], channels=JUDGE_CHANNELS, label="eval classifier")
-    net, params, config = load_model(ckpt_dir, expect="eval_classifier")
-    if config["dataset"] != args.dataset:
-        fail(f"{directory} judges {config['dataset']}, not {args.dataset}")
-    logits = jax.jit(lambda x: net.apply(params, data.to_float(x)))
-    feats = jax.jit(lambda x: net.apply(params, data.to_float(x), features=True))
-    return logits, feats
+def save_grid(path, images_uint8: np.ndarray, rows: int, cols: int, scale: int = 2):
+    """(rows * cols, H, W, C) uint8 images, row-major, as one PNG (written by process 0 only)."""
+    if trainer.is_writer():
+        write_png(path, upscale(grid(images_uint8.reshape(rows, cols, *images_uint8.shape[1:])), scale))
 
 
-def batched(fn, x, batch: int = 1000) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
+def plot_loss(csv_path, png_path, title: str):
+    """The training loss against the step, log scale, with a running mean (matplotlib; skipped with a
+    note when it is not installed: pip install 'jaxdiff[experiments]')."""
+    plt = pyplot()
+    rows = np.loadtxt(str(csv_path), delimiter=",", skiprows=1, ndmin=2)
+    if plt is None or len(rows) == 0:
+        return
+    steps, losses = rows[:, 0], rows[:, 1]
+    w = max(1, len(losses) // 100)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, color="0.75", lw=0.8, label="loss per step")
+    if w > 1:
+        ax.plot(steps[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"), color="C0",
+                label=f"running mean of {w}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, png_path)
 
 
-def final_loss(out_dir: str) -> float:
-    rows = np.loadtxt(os.path.join(out_dir, "loss.csv"), delimiter=",", skiprows=1, ndmin=2)
+def pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no plots (pip install 'jaxdiff[experiments]')", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    path = epath.Path(path)
+    tmp = path.parent / (path.name + ".tmp.png")
+    fig.tight_layout()
+    with tmp.open("wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def speed(result: trainer.TrainResult) -> str:
+    rate = result.images_per_second
+    return f"{rate:,.0f} img/s after compile" if rate == rate else "a single dispatch, compile included"
+
+
+def final_loss(out) -> float:
+    rows = np.loadtxt(str(epath.Path(out) / "loss.csv"), delimiter=",", skiprows=1, ndmin=2)
     return float(rows[-50:, 1].mean())

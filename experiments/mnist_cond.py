@@ -8,35 +8,42 @@ checkpoints/ under --out.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data
-from jaxdiff.pipeline import Pipeline, nfe
+from jaxdiff import data, distributed, sampling, specs, train
+from jaxdiff.pipeline import Pipeline
 
 
 def main(argv=None):
     p = common.parser(__doc__, steps=6000, batch_size=256, out="runs/mnist_cond")
     p.add_argument("--per-label", type=common.positive_int, default=10, help="samples per label")
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    images, labels = common.load_data(args)
-    num_classes = data.NUM_CLASSES[args.dataset]
-    config, model, state, schedule, train_s, rate = common.train_model(
-        args, images, labels, args.out, model="unet", num_classes=num_classes, p_uncond=0.0)
-    pipe = Pipeline.for_labels(model, jax.device_get(state.ema_params), schedule, config)
-    t0 = time.perf_counter()
-    rows = np.repeat(np.arange(num_classes), args.per_label)
-    # gamma = 1 is eps_c alone: conditional sampling, no guidance
-    imgs = pipe(rows, gamma=1.0, sampler=args.sampler, steps=args.sample_steps, seed=args.seed)
-    common.save_grid(os.path.join(args.out, "samples.png"), imgs, num_classes, args.per_label)
-    print(f"done: {args.steps} steps in {train_s:.1f}s ({rate:,.0f} img/s after compile), sampling "
-          f"{time.perf_counter() - t0:.1f}s ({args.sampler}, {nfe(args.sampler, args.sample_steps, schedule)} NFE), "
-          f"final loss {common.final_loss(args.out):.4f}; outputs in {args.out}")
+    distributed.from_args(args)
+    with common.cli(args.out) as out:
+        common.check_levels(args, len(args.channels))
+        images, labels = common.load_data(args)
+        num_classes = data.NUM_CLASSES[args.dataset]
+        spec = specs.LabelUNet(num_classes=num_classes, channels=args.channels, blocks_per_level=args.blocks_per_level,
+                               attention_levels=args.attention_levels, image_shape=images.shape[1:])
+        module = spec.module(common.compute_dtype(args.dtype))
+        loss = train.diffusion_loss(spec.eps_model(module), spec.build_schedule(), p_uncond=0.0, null_label=num_classes)
+        result = common.fit(args, spec, loss, images, labels, out,
+                            meta={"dataset": args.dataset, "split": args.split, "p_uncond": 0.0})
+        pipe = Pipeline.for_labels(spec, module, jax.device_get(result.state.ema_params))
+        t0 = time.perf_counter()
+        rows = np.repeat(np.arange(num_classes), args.per_label)
+        # gamma = 1 is eps_c alone: conditional sampling, no guidance
+        imgs = pipe(rows, gamma=1.0, sampler=args.sampler, steps=args.sample_steps, seed=args.seed)
+        common.save_grid(out / "samples.png", imgs, num_classes, args.per_label)
+        if jax.process_index() == 0:
+            print(f"done: {int(result.state.step)} steps in {result.seconds:.1f}s ({common.speed(result)}), "
+                  f"sampling {time.perf_counter() - t0:.1f}s ({args.sampler}, "
+                  f"{sampling.nfe(args.sampler, args.sample_steps, pipe.schedule)} NFE), final loss "
+                  f"{common.final_loss(out):.4f}; outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ checkpoints/ under --out.
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 
@@ -23,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, train
+from jaxdiff import data, distributed, sampling, specs, train
 from jaxdiff.conditions import downsample, upsample
-from jaxdiff.pipeline import Pipeline, init_params, low_res_eps, model_from_config, nfe, schedule_from_config
-
+from jaxdiff.pipeline import Pipeline
 
 NULL = -1  # the label that marks a dropped condition (class labels are otherwise unused here)
 
@@ -41,32 +38,31 @@ def main(argv=None):
     p = common.parser(__doc__, steps=6000, batch_size=256, out="runs/mnist_superres")
     p.add_argument("--eval-images", type=common.positive_int, default=1000, help="test images to upsample and score")
     p.add_argument("--rows", type=common.positive_int, default=10, help="rows in superres.png")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="per-example probability of a blank low-res image")
-    p.add_argument("--gamma", type=float, default=1.0, help="guidance scale when sampling (1: none)")
+    p.add_argument("--p-uncond", type=common.probability, default=0.1,
+                   help="per-example probability of a blank low-res image")
+    p.add_argument("--gamma", type=common.finite_float, default=1.0, help="guidance scale when sampling (1: none)")
     args = p.parse_args(argv)
-    if not 0 <= args.p_uncond < 1:
-        common.fail(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
-    if not math.isfinite(args.gamma):
-        common.fail(f"--gamma must be finite, got {args.gamma}")
-    os.makedirs(args.out, exist_ok=True)
+    distributed.from_args(args)
+    with common.cli(args.out) as out:
+        run(args, out)
+
+
+def run(args, out):
     images, labels = common.load_data(args)
-    test_images, _ = common.load_data(common.override(args, split="test"))
-    config = dict(model="superres", channels=list(common.parse_channels(args.channels)), schedule="linear",
-                  num_timesteps=1000, image_shape=list(images.shape[1:]), dataset=args.dataset, split=args.split,
-                  low_res=images.shape[1] // 2, p_uncond=args.p_uncond)
-    net = model_from_config(config, common.compute_dtype(args.dtype))
-    params = init_params(model_from_config(config), config, args.seed)
-    sched = schedule_from_config(config)
+    test_images, _ = common.load_data(args, "test")
+    spec = specs.SuperRes(channels=args.channels, image_shape=images.shape[1:], low_res=images.shape[1] // 2)
+    net = spec.module(common.compute_dtype(args.dtype))
 
     def prepare(x_uint8, y, keys):
         x0 = data.to_float(x_uint8)
         low = upsample(downsample(x0), x0.shape[1])
         return x0, jnp.where((y == NULL)[:, None, None, None], 0.0, low)  # dropped: a blank image
 
-    eps_model = low_res_eps(net)
-    loss_fn = train.diffusion_loss(eps_model, sched, p_uncond=args.p_uncond, null_label=NULL, prepare=prepare)
-    state, train_s, rate = common.run_training(args, config, params, loss_fn, images, labels, args.out, "superres")
-    pipe = Pipeline.for_low_res(net, jax.device_get(state.ema_params), sched, config)
+    loss_fn = train.diffusion_loss(spec.eps_model(net), spec.build_schedule(), p_uncond=args.p_uncond, null_label=NULL,
+                                   prepare=prepare)
+    result = common.fit(args, spec, loss_fn, images, labels, out,
+                        meta={"dataset": args.dataset, "split": args.split, "p_uncond": args.p_uncond})
+    pipe = Pipeline.for_low_res(spec, net, jax.device_get(result.state.ema_params))
 
     real_uint8 = test_images[: args.eval_images]
     real = data.to_float(real_uint8)
@@ -86,10 +82,12 @@ def main(argv=None):
     r = min(args.rows, len(real))
     nearest = jnp.repeat(jnp.repeat(low[:r], 2, axis=1), 2, axis=2)
     cols = np.stack([data.to_uint8(a) for a in (nearest, bilinear[:r], samples[:r], real[:r])], axis=1)
-    common.save_grid(os.path.join(args.out, "superres.png"), cols.reshape(-1, 28, 28, 1), r, 4)
-    print(f"done: {args.steps} steps in {train_s:.1f}s ({rate:,.0f} img/s after compile), sampling {sample_s:.1f}s "
-          f"({args.sampler}, {nfe(args.sampler, args.sample_steps, sched)} NFE); PSNR diffusion {p_diff:.2f} dB, "
-          f"bilinear {p_bil:.2f} dB, consistency {p_cons:.2f} dB; outputs in {args.out}")
+    common.save_grid(out / "superres.png", cols.reshape(-1, *real.shape[1:]), r, 4)
+    if jax.process_index() == 0:
+        print(f"done: {int(result.state.step)} steps in {result.seconds:.1f}s ({common.speed(result)}), "
+              f"sampling {sample_s:.1f}s ({args.sampler}, "
+              f"{sampling.nfe(args.sampler, args.sample_steps, pipe.schedule)} NFE); PSNR diffusion {p_diff:.2f} dB, "
+              f"bilinear {p_bil:.2f} dB, consistency {p_cons:.2f} dB; outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 
 import numpy as np
+from etils import epath
 
 
 def write_png(path: str, image: np.ndarray) -> None:
@@ -30,11 +30,11 @@ def write_png(path: str, image: np.ndarray) -> None:
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(png)
+    tmp.replace(path)
 
 
 def grid(images: np.ndarray, pad: int = 2, value: int = 255) -> np.ndarray:
@@ -54,24 +54,3 @@ def grid(images: np.ndarray, pad: int = 2, value: int = 255) -> np.ndarray:
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour enlargement, so small pictures stay sharp in a viewer."""
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
-
-
-def line_plot(values, width: int = 480, height: int = 240, log: bool = True) -> np.ndarray:
-    """A bare line plot (no text) of a series, on a log scale by default, as a grayscale image."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    img = np.full((height, width), 255, np.uint8)
-    img[[0, -1], :] = img[:, [0, -1]] = 160
-    if v.size < 2:
-        return img
-    if log:
-        v = np.log(np.maximum(v, 1e-12))
-    lo, hi = v.min(), v.max()
-    xs = np.linspace(4, width - 5, v.size)
-    ys = (height - 5) - (v - lo) / max(hi - lo, 1e-12) * (height - 10)
-    for i in range(v.size - 1):  # connect consecutive points
-        n = int(max(abs(xs[i + 1] - xs[i]), abs(ys[i + 1] - ys[i]), 1)) + 1
-        px = np.linspace(xs[i], xs[i + 1], n).round().astype(int)
-        py = np.linspace(ys[i], ys[i + 1], n).round().astype(int)
-        img[py, px] = 0
-    return img
