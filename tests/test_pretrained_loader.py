@@ -4,7 +4,10 @@ No torch: the "checkpoints" are torch-layout NumPy arrays written with safetenso
 expected flax layouts are written out here as closed forms (einsum index strings, explicit shapes).
 """
 
+import gzip
 import json
+import pathlib
+import re
 import socket
 
 import flax.linen as nn
@@ -137,6 +140,65 @@ def test_leaf_layouts_are_the_closed_forms():
         np.testing.assert_array_equal(to_torch(("m", leaf), v), v)
     np.testing.assert_array_equal(to_torch(("c", "kernel"), k), conv)
     np.testing.assert_array_equal(to_torch(("d", "kernel"), dense.T), dense)
+
+
+# --------------------------------------------------------------------------------------------
+# every key of the real SD 1.5 / 2.1 components (names and shapes only, from
+# tests/fixtures/make_key_fixtures.py: the models built from their real configs on torch's meta device)
+
+REAL = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "fixtures" / "sd_keys" / "keys.json.gz").read_bytes()))
+FLAX_LEAF = {"Conv2d": "kernel", "Linear": "kernel", "GroupNorm": "scale", "LayerNorm": "scale", "Embedding": "embedding"}
+
+
+def real_template(rows):
+    """The flax paths and shapes the contract prescribes, written independently of keys.py."""
+    template = {}
+    for key, shape, owner, _ in rows:
+        module, leaf = key.rsplit(".", 1)
+        path = tuple(re.sub(r"\.(\d+)", r"_\1", module).split(".")) + (leaf if leaf == "bias" else FLAX_LEAF[owner],)
+        if leaf == "weight" and owner == "Conv2d":
+            shape = [shape[2], shape[3], shape[1], shape[0]]
+        elif leaf == "weight" and owner == "Linear":
+            shape = [shape[1], shape[0]]
+        template[path] = S(tuple(shape), jnp.float32)
+    return template
+
+
+@pytest.mark.parametrize("component", sorted(REAL["components"]))
+def test_key_rule_on_every_real_key(component):
+    rows = REAL["components"][component]
+    template = real_template(rows)
+    by_key = {key: path for (key, *_), path in zip(rows, template)}
+    for key, path in by_key.items():
+        assert flax_path(key, template) == path, key
+        assert torch_key(path) == key, path
+
+
+@pytest.mark.parametrize("component", sorted(REAL["components"]))
+def test_real_checkpoints_fit_their_templates(component):
+    rows = REAL["components"][component]
+    entries = {key: (None, tuple(shape), dtype) for key, shape, _, dtype in rows}
+    plan = weights._plan(entries, real_template(rows))
+    assert plan.num_problems == 0 and len(plan.assign) == len(rows)
+
+
+def test_real_old_autoencoder_and_clip_buffers_fit():
+    rows = REAL["components"]["vae"]
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    entries = {}
+    for key, shape, _, dtype in rows:
+        for new, was in old.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{was}.")
+        entries[key] = (None, tuple(shape) + ((1, 1) if len(shape) == 2 else ()), dtype)
+    assert sum(".query." in k for k in entries) == 4  # encoder and decoder, weight and bias
+    plan = weights._plan(entries, real_template(rows))
+    assert plan.num_problems == 0
+    assert plan.assign["decoder.mid_block.attentions.0.proj_attn.weight"] == ("decoder", "mid_block", "attentions_0", "to_out_0", "kernel")
+    rows = REAL["components"]["sd15_text_encoder"]
+    entries = {key: (None, tuple(shape), dtype) for key, shape, _, dtype in rows}
+    entries["text_model.embeddings.position_ids"] = (None, (1, 77), "I64")  # SD 1.5's file has this buffer
+    plan = weights._plan(entries, real_template(rows))
+    assert plan.num_problems == 0 and plan.ignored == ["text_model.embeddings.position_ids"]
 
 
 # --------------------------------------------------------------------------------------------
