@@ -71,7 +71,10 @@ REAL_KEYS = [
     ("conv_norm_out.weight", ("conv_norm_out", "scale")),
     # autoencoder
     ("encoder.down_blocks.3.resnets.1.norm2.weight", ("encoder", "down_blocks_3", "resnets_1", "norm2", "scale")),
-    ("encoder.mid_block.attentions.0.group_norm.weight", ("encoder", "mid_block", "attentions_0", "group_norm", "scale")),
+    (
+        "encoder.mid_block.attentions.0.group_norm.weight",
+        ("encoder", "mid_block", "attentions_0", "group_norm", "scale"),
+    ),
     ("encoder.mid_block.attentions.0.to_q.weight", ("encoder", "mid_block", "attentions_0", "to_q", "kernel")),
     ("decoder.mid_block.attentions.0.to_out.0.bias", ("decoder", "mid_block", "attentions_0", "to_out_0", "bias")),
     ("decoder.up_blocks.2.upsamplers.0.conv.weight", ("decoder", "up_blocks_2", "upsamplers_0", "conv", "kernel")),
@@ -79,7 +82,10 @@ REAL_KEYS = [
     ("post_quant_conv.bias", ("post_quant_conv", "bias")),
     # CLIP text encoder
     ("text_model.embeddings.token_embedding.weight", ("text_model", "embeddings", "token_embedding", "embedding")),
-    ("text_model.embeddings.position_embedding.weight", ("text_model", "embeddings", "position_embedding", "embedding")),
+    (
+        "text_model.embeddings.position_embedding.weight",
+        ("text_model", "embeddings", "position_embedding", "embedding"),
+    ),
     (
         "text_model.encoder.layers.11.self_attn.q_proj.weight",
         ("text_model", "encoder", "layers_11", "self_attn", "q_proj", "kernel"),
@@ -146,8 +152,16 @@ def test_leaf_layouts_are_the_closed_forms():
 # every key of the real SD 1.5 / 2.1 components (names and shapes only, from
 # tests/fixtures/make_key_fixtures.py: the models built from their real configs on torch's meta device)
 
-REAL = json.loads(gzip.decompress((pathlib.Path(__file__).parent / "fixtures" / "sd_keys" / "keys.json.gz").read_bytes()))
-FLAX_LEAF = {"Conv2d": "kernel", "Linear": "kernel", "GroupNorm": "scale", "LayerNorm": "scale", "Embedding": "embedding"}
+REAL = json.loads(
+    gzip.decompress((pathlib.Path(__file__).parent / "fixtures" / "sd_keys" / "keys.json.gz").read_bytes())
+)
+FLAX_LEAF = {
+    "Conv2d": "kernel",
+    "Linear": "kernel",
+    "GroupNorm": "scale",
+    "LayerNorm": "scale",
+    "Embedding": "embedding",
+}
 
 
 def real_template(rows):
@@ -193,7 +207,13 @@ def test_real_old_autoencoder_and_clip_buffers_fit():
     assert sum(".query." in k for k in entries) == 4  # encoder and decoder, weight and bias
     plan = weights._plan(entries, real_template(rows))
     assert plan.num_problems == 0
-    assert plan.assign["decoder.mid_block.attentions.0.proj_attn.weight"] == ("decoder", "mid_block", "attentions_0", "to_out_0", "kernel")
+    assert plan.assign["decoder.mid_block.attentions.0.proj_attn.weight"] == (
+        "decoder",
+        "mid_block",
+        "attentions_0",
+        "to_out_0",
+        "kernel",
+    )
     rows = REAL["components"]["sd15_text_encoder"]
     entries = {key: (None, tuple(shape), dtype) for key, shape, _, dtype in rows}
     entries["text_model.embeddings.position_ids"] = (None, (1, 77), "I64")  # SD 1.5's file has this buffer
@@ -208,7 +228,7 @@ def test_real_old_autoencoder_and_clip_buffers_fit():
 def unet_like():
     """(template, torch state dict) with conv, dense, norm, nested lists, linear_1, to_out.0."""
     rng = np.random.default_rng(1)
-    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.normal(size=s).astype(np.float32)
     sd = {
         "conv_in.weight": f(8, 4, 3, 3),
         "conv_in.bias": f(8),
@@ -247,7 +267,9 @@ def _expected_path(key):
         else:
             parts.append(part)
     leaf = key.rsplit(".", 1)[1]
-    return tuple(parts) + (("scale",) if "norm" in parts[-1] and leaf == "weight" else ("kernel",) if leaf == "weight" else (leaf,))
+    return tuple(parts) + (
+        ("scale",) if "norm" in parts[-1] and leaf == "weight" else ("kernel",) if leaf == "weight" else (leaf,)
+    )
 
 
 def _get(tree, path):
@@ -308,8 +330,14 @@ def test_missing_renamed_and_unused_keys_in_one_error(tmp_path):
     msg = str(e.value)
     assert "does not fit the model (2 missing, 2 unused)" in msg
     assert "unet: conv_in.bias: missing from the checkpoint (flax conv_in/bias (8,))" in msg
-    assert "unet: time_embedding.linear_1.weight: missing from the checkpoint (flax time_embedding/linear_1/kernel (8, 16))" in msg
-    assert "unet: time_embedding.linear_one.weight: checkpoint (16, 8) is not used (no flax parameter time_embedding/linear_one/kernel)" in msg
+    assert (
+        "unet: time_embedding.linear_1.weight: missing from the checkpoint (flax time_embedding/linear_1/kernel (8, 16))"
+        in msg
+    )
+    assert (
+        "unet: time_embedding.linear_one.weight: checkpoint (16, 8) is not used (no flax parameter time_embedding/linear_one/kernel)"
+        in msg
+    )
     assert "unet: extra.weight: checkpoint (3,) is not used" in msg
     assert {m[0] for m in e.value.missing} == {"time_embedding.linear_1.weight", "conv_in.bias"}
     assert {u[0] for u in e.value.unused} == {"time_embedding.linear_one.weight", "extra.weight"}
@@ -317,8 +345,10 @@ def test_missing_renamed_and_unused_keys_in_one_error(tmp_path):
 
 def test_two_flax_paths_for_one_torch_key_are_refused(tmp_path):
     with pytest.raises(ValueError, match="two flax parameters map to the torch key 'blocks.1.weight'"):
-        save_params({"blocks_1": {"kernel": np.ones((2, 2))}, "blocks": {"1": {"kernel": np.ones((2, 2))}}},
-                    tmp_path / "x.safetensors")
+        save_params(
+            {"blocks_1": {"kernel": np.ones((2, 2))}, "blocks": {"1": {"kernel": np.ones((2, 2))}}},
+            tmp_path / "x.safetensors",
+        )
 
 
 def test_long_problem_lists_are_capped(tmp_path):
@@ -364,7 +394,9 @@ def test_sharded_checkpoint_with_index(tmp_path):
     write(unet, {k: sd[k] for k in second}, "diffusion_pytorch_model-00002-of-00002.safetensors")
     weight_map = {k: "diffusion_pytorch_model-00001-of-00002.safetensors" for k in first}
     weight_map.update({k: "diffusion_pytorch_model-00002-of-00002.safetensors" for k in second})
-    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     sharded = load_params(template, unet)
     whole = load_params(template, write(tmp_path / "whole", sd))
     jax.tree.map(np.testing.assert_array_equal, sharded, whole)
@@ -415,7 +447,10 @@ class _Refusing:
 def test_old_autoencoder_attention_names_and_conv_shapes(tmp_path):
     rng = np.random.default_rng(2)
     c = 6
-    new = {n: {"kernel": S((c, c), jnp.float32), "bias": S((c,), jnp.float32)} for n in ("to_q", "to_k", "to_v", "to_out_0")}
+    new = {
+        n: {"kernel": S((c, c), jnp.float32), "bias": S((c,), jnp.float32)}
+        for n in ("to_q", "to_k", "to_v", "to_out_0")
+    }
     template = {"encoder": {"mid_block": {"attentions_0": {"group_norm": {"scale": S((c,), jnp.float32)}, **new}}}}
     old = {"encoder.mid_block.attentions.0.group_norm.weight": rng.normal(size=c).astype(np.float32)}
     for name in ("query", "key", "value", "proj_attn"):
@@ -429,12 +464,14 @@ def test_old_autoencoder_attention_names_and_conv_shapes(tmp_path):
         np.testing.assert_array_equal(attn[flax_name]["bias"], old[f"encoder.mid_block.attentions.0.{name}.bias"])
     # saved back, it has today's names
     out = load_file(str(save_params(p, tmp_path / "new" / "diffusion_pytorch_model.safetensors")))
-    assert "encoder.mid_block.attentions.0.to_out.0.weight" in out and out["encoder.mid_block.attentions.0.to_q.weight"].shape == (c, c)
+    assert "encoder.mid_block.attentions.0.to_out.0.weight" in out and out[
+        "encoder.mid_block.attentions.0.to_q.weight"
+    ].shape == (c, c)
 
 
 def clip_like():
     rng = np.random.default_rng(3)
-    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.normal(size=s).astype(np.float32)
     sd = {
         "text_model.embeddings.token_embedding.weight": f(50, 8),
         "text_model.embeddings.position_embedding.weight": f(7, 8),
@@ -446,11 +483,15 @@ def clip_like():
     }
     template = {
         "text_model": {
-            "embeddings": {"token_embedding": {"embedding": S((50, 8), jnp.float32)},
-                           "position_embedding": {"embedding": S((7, 8), jnp.float32)}},
+            "embeddings": {
+                "token_embedding": {"embedding": S((50, 8), jnp.float32)},
+                "position_embedding": {"embedding": S((7, 8), jnp.float32)},
+            },
             "encoder": {
-                "layers_0": {"self_attn": {"q_proj": {"kernel": S((8, 8), jnp.float32)}},
-                             "layer_norm1": {"scale": S((8,), jnp.float32)}},
+                "layers_0": {
+                    "self_attn": {"q_proj": {"kernel": S((8, 8), jnp.float32)}},
+                    "layer_norm1": {"scale": S((8,), jnp.float32)},
+                },
                 "layers_1": {"mlp": {"fc1": {"kernel": S((8, 32), jnp.float32), "bias": S((32,), jnp.float32)}}},
             },
             "final_layer_norm": {"scale": S((8,), jnp.float32)},
@@ -464,7 +505,8 @@ def test_clip_position_ids_buffer_is_ignored(tmp_path):
     sd["text_model.embeddings.position_ids"] = np.arange(7, dtype=np.int64)[None]
     p = load_params(template, write(tmp_path / "text_encoder", sd, "model.safetensors"))
     np.testing.assert_array_equal(
-        p["text_model"]["embeddings"]["token_embedding"]["embedding"], sd["text_model.embeddings.token_embedding.weight"]
+        p["text_model"]["embeddings"]["token_embedding"]["embedding"],
+        sd["text_model.embeddings.token_embedding.weight"],
     )
 
 
@@ -520,11 +562,19 @@ def test_real_linen_module_loads_and_computes_the_torch_function(tmp_path):
     ids = np.array([3, 9])
     template = jax.eval_shape(model.init, jax.random.key(0), x, ids)
     rng = np.random.default_rng(5)
-    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.normal(size=s).astype(np.float32)
     sd = {
-        "conv_in.weight": f(5, 3, 3, 3), "conv_in.bias": f(5), "norm.weight": f(5), "norm.bias": f(5),
-        "resnets.0.weight": f(5, 5), "resnets.0.bias": f(5), "resnets.1.weight": f(5, 5), "resnets.1.bias": f(5),
-        "to_out.0.weight": f(2, 5), "to_out.0.bias": f(2), "embed.weight": f(11, 5),
+        "conv_in.weight": f(5, 3, 3, 3),
+        "conv_in.bias": f(5),
+        "norm.weight": f(5),
+        "norm.bias": f(5),
+        "resnets.0.weight": f(5, 5),
+        "resnets.0.bias": f(5),
+        "resnets.1.weight": f(5, 5),
+        "resnets.1.bias": f(5),
+        "to_out.0.weight": f(2, 5),
+        "to_out.0.bias": f(2),
+        "embed.weight": f(11, 5),
     }
     params = load_params(template, write(tmp_path / "tiny", sd))
     got = np.asarray(model.apply(params, x, ids), np.float64)
@@ -570,7 +620,10 @@ def test_round_trip_save_then_load(tmp_path):
 
 
 def test_round_trip_keeps_bfloat16(tmp_path):
-    params = {"a": {"kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)}, "n": {"scale": jnp.ones(3, jnp.bfloat16)}}
+    params = {
+        "a": {"kernel": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3)},
+        "n": {"scale": jnp.ones(3, jnp.bfloat16)},
+    }
     save_params(params, tmp_path / "m" / "model.safetensors")
     template = jax.tree.map(lambda x: S(x.shape, x.dtype), params)
     back = load_params(template, tmp_path / "m")
@@ -645,23 +698,42 @@ def test_download_patterns_take_only_what_the_pipeline_reads():
     from fnmatch import fnmatch
 
     repo_files = [
-        "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt", "README.md",
-        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-        "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.non_ema.safetensors",
-        "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
-        "text_encoder/pytorch_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
-        "scheduler/scheduler_config.json", "safety_checker/model.safetensors",
-        "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+        "model_index.json",
+        "v1-5-pruned.safetensors",
+        "v1-5-pruned-emaonly.ckpt",
+        "README.md",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder/pytorch_model.bin",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "safety_checker/model.safetensors",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
     ]
+
     def taken(variant):
         pats = folder_mod._download_patterns(variant)
         return {f for f in repo_files if any(fnmatch(f, p) for p in pats)}
 
     assert taken(None) == {
-        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/vocab.json",
-        "tokenizer/merges.txt", "scheduler/scheduler_config.json",
-        "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
     }
     fp16 = taken("fp16")
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16 and "text_encoder/model.fp16.safetensors" in fp16

@@ -66,7 +66,9 @@ def resolve(
     if path.is_dir():
         return path.resolve()
     if path.exists():
-        raise ModelNotFound(f"{text}: a file, not a folder; pass the diffusers model folder (the one with model_index.json)")
+        raise ModelNotFound(
+            f"{text}: a file, not a folder; pass the diffusers model folder (the one with model_index.json)"
+        )
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise ModelNotFound(f"{text}: no such folder, and not a Hugging Face Hub id of the form 'org/name'")
     if offline is None:
@@ -78,7 +80,9 @@ def resolve(
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ModelNotFound(f"{text}: no such folder, and huggingface_hub is not installed to fetch it; {hint}") from None
+        raise ModelNotFound(
+            f"{text}: no such folder, and huggingface_hub is not installed to fetch it; {hint}"
+        ) from None
     try:
         local = snapshot_download(
             text,
@@ -150,11 +154,16 @@ def read_pipeline_index(folder: str | os.PathLike) -> PipelineIndex:
         if not sub.is_dir():
             raise PipelineLayoutError(f"{sub}: missing folder (model_index.json lists {name})")
         if name.startswith("tokenizer"):
-            if not ((sub / "vocab.json").is_file() and (sub / "merges.txt").is_file()) and not (sub / "tokenizer.json").is_file():
+            if (
+                not ((sub / "vocab.json").is_file() and (sub / "merges.txt").is_file())
+                and not (sub / "tokenizer.json").is_file()
+            ):
                 raise PipelineLayoutError(f"{sub}: missing vocab.json and merges.txt (or tokenizer.json)")
         else:
             needed = "scheduler_config.json" if name == "scheduler" else "config.json"
             if not (sub / needed).is_file():
                 raise PipelineLayoutError(f"{sub / needed}: missing")
         paths[name] = sub
-    return PipelineIndex(folder=folder, class_name=str(index.get("_class_name", "")), components=components, paths=paths)
+    return PipelineIndex(
+        folder=folder, class_name=str(index.get("_class_name", "")), components=components, paths=paths
+    )

@@ -18,7 +18,7 @@ in ``TORCH_NAMES_WITH_DIGITS`` keeps its underscore; every other ``name_<digits>
 from __future__ import annotations
 
 import re
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 

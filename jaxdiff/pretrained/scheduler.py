@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -139,7 +140,9 @@ def schedule_from_config(config: str | os.PathLike | Mapping) -> Schedule:
     if trained is not None:
         betas = np.asarray(trained, np.float64)
         if betas.shape != (T,):
-            raise SchedulerConfigError(f"trained_betas must hold num_train_timesteps={T} values, got shape {betas.shape}")
+            raise SchedulerConfigError(
+                f"trained_betas must hold num_train_timesteps={T} values, got shape {betas.shape}"
+            )
         label = f"diffusers:trained_betas(T={T})"
     elif kind == "linear":
         betas = np.linspace(b0, b1, T, dtype=np.float64)
@@ -148,7 +151,7 @@ def schedule_from_config(config: str | os.PathLike | Mapping) -> Schedule:
         betas = np.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=np.float64) ** 2
         label = f"diffusers:scaled_linear(T={T},{b0},{b1})"
     elif kind == "squaredcos_cap_v2":
-        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], np.float64)
         label = f"diffusers:squaredcos_cap_v2(T={T})"
     else:
@@ -196,8 +199,13 @@ def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overri
 
 
 def _check_dpm(s: dict) -> None:
-    want = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "variance_type": None,
-            "use_dynamic_shifting": False}
+    want = {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "variance_type": None,
+        "use_dynamic_shifting": False,
+    }
     for key, value in want.items():
         if s[key] != value:
             raise SchedulerConfigError(
@@ -215,9 +223,7 @@ def _sampler_name(sampler: str) -> str:
         return sampler
     if sampler in _ALIASES:
         return _ALIASES[sampler]
-    raise SchedulerConfigError(
-        f"sampler must be one of {sorted(SAMPLERS)} (or {sorted(_ALIASES)}), got {sampler!r}"
-    )
+    raise SchedulerConfigError(f"sampler must be one of {sorted(SAMPLERS)} (or {sorted(_ALIASES)}), got {sampler!r}")
 
 
 def sampler_setup(
@@ -284,8 +290,9 @@ def sampler_setup(
     return SamplerSetup(grid.astype(np.int32), clip, final_first, settings)
 
 
-def inference_timesteps(config: str | os.PathLike | Mapping, steps: int, sampler: str, *, strict: bool = True,
-                        **overrides) -> np.ndarray:
+def inference_timesteps(
+    config: str | os.PathLike | Mapping, steps: int, sampler: str, *, strict: bool = True, **overrides
+) -> np.ndarray:
     """The jaxdiff timestep grid (int32, 1-indexed, strictly decreasing, last = endpoint) that
     reproduces diffusers' ``sampler`` at ``steps`` steps: see ``sampler_setup``."""
     return sampler_setup(config, steps, sampler, strict=strict, **overrides).timesteps

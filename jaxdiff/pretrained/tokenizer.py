@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 # CLIP's pre-tokenisation pattern (Radford et al.), matched on lower-cased text
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "pad_token")  # in transformers' order
-DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>"}
+DEFAULTS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
 
 
 class TokenizerConfigError(ValueError):
@@ -60,7 +64,9 @@ class CLIPTokenizer:
         from tokenizers.models import BPE
 
         if not isinstance(max_length, int) or max_length < 2:
-            raise TokenizerConfigError(f"max_length must be an integer >= 2 (room for the start and end tokens), got {max_length!r}")
+            raise TokenizerConfigError(
+                f"max_length must be an integer >= 2 (room for the start and end tokens), got {max_length!r}"
+            )
         missing = [a for a in SPECIAL_ATTRIBUTES if a not in special_tokens]
         if missing:
             raise TokenizerConfigError(f"special_tokens lacks {', '.join(missing)}")
@@ -111,11 +117,13 @@ class CLIPTokenizer:
             single=f"{bos} $A {eos}", special_tokens=[(bos, self.bos_token_id), (eos, self.eos_token_id)]
         )
         tok.enable_truncation(max_length=max_length)
-        tok.enable_padding(length=max_length, pad_id=self.pad_token_id, pad_token=special_tokens["pad_token"]["content"])
+        tok.enable_padding(
+            length=max_length, pad_id=self.pad_token_id, pad_token=special_tokens["pad_token"]["content"]
+        )
         self._tok = tok
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "CLIPTokenizer":
+    def from_folder(cls, folder: str | os.PathLike) -> CLIPTokenizer:
         """A tokenizer folder as diffusers ships it: ``vocab.json`` + ``merges.txt`` (or a
         ``tokenizer.json`` holding a BPE model), ``tokenizer_config.json`` and, in the older layout,
         ``special_tokens_map.json``. Special tokens follow transformers' precedence: when
@@ -153,7 +161,9 @@ class CLIPTokenizer:
             prompts = [prompts]
         prompts = list(prompts)
         if not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a string or a sequence of strings, got {[type(p).__name__ for p in prompts]}")
+            raise ValueError(
+                f"prompts must be a string or a sequence of strings, got {[type(p).__name__ for p in prompts]}"
+            )
         if not prompts:
             shape = (0, self.max_length)
             return np.zeros(shape, np.int32), np.zeros(shape, np.int32)

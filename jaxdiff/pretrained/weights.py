@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +105,7 @@ def weight_files(source: str | os.PathLike, *, variant: str | None = None) -> li
         if index.is_file():
             return _shards(index)
     present = sorted(p.name for p in source.iterdir() if p.is_file())
-    safetensors_files = [n for n in present if n.endswith(".safetensors") or n.endswith(".index.json")]
+    safetensors_files = [n for n in present if n.endswith((".safetensors", ".index.json"))]
     pickles = [n for n in present if n.endswith(PICKLE_SUFFIXES)]
     expected = " or ".join(_with_variant(f"{b}.safetensors", variant) for b in WEIGHT_NAMES)
     if variant and safetensors_files:
@@ -162,7 +163,8 @@ class _Checkpoint:
         for f in files:
             handle = safe_open(str(f), framework="numpy")
             self._handles[f] = handle
-            for key in handle.keys():
+            keys = handle.keys()  # a safe_open handle is not iterable itself
+            for key in keys:
                 if key in self.entries:
                     raise CheckpointError(f"{key}: in two shards, {self.entries[key][0].name} and {f.name}")
                 s = handle.get_slice(key)
@@ -265,7 +267,9 @@ class _Plan:
                 self.wrong_shape.append((key, shape, got, want))
             self.assign[key] = path
         self.missing = [
-            (self.torch_key(p, strip_dotted), p, tuple(np.shape(v))) for p, v in template_flat.items() if p not in claimed
+            (self.torch_key(p, strip_dotted), p, tuple(np.shape(v)))
+            for p, v in template_flat.items()
+            if p not in claimed
         ]
         self.num_problems = len(self.missing) + len(self.unused) + len(self.wrong_shape)
 
@@ -273,7 +277,7 @@ class _Plan:
         if not key.startswith(strip_dotted):
             return None
         try:
-            path = self.add + flax_path(key[len(strip_dotted):], _Prefixed(template_flat, self.add))
+            path = self.add + flax_path(key[len(strip_dotted) :], _Prefixed(template_flat, self.add))
         except ValueError:
             return None
         if path not in template_flat and len(path) > 1 and path[-2] in OLD_ATTENTION_NAMES:
@@ -284,7 +288,7 @@ class _Plan:
 
     def torch_key(self, path, strip_dotted) -> str:
         if self.add and path[: len(self.add)] == self.add:
-            path = path[len(self.add):]
+            path = path[len(self.add) :]
         return strip_dotted + torch_key(path)
 
     def describe(self) -> str:
@@ -381,7 +385,7 @@ def load_params(
     ``UnsupportedCheckpointFormat`` when no safetensors weights are there.
     """
     if not isinstance(template, Mapping):
-        raise ValueError(f"template must be a nested mapping of parameters, got {type(template).__name__}")
+        raise TypeError(f"template must be a nested mapping of parameters, got {type(template).__name__}")
     wrapped = set(template) == {"params"} and isinstance(template["params"], Mapping)
     inner = template["params"] if wrapped else template
     template_flat = _flatten(inner)
@@ -415,7 +419,7 @@ def save_params(params: Mapping, path: str | os.PathLike, *, prefix: str = "") -
     from safetensors.numpy import save_file
 
     if not isinstance(params, Mapping):
-        raise ValueError(f"params must be a nested mapping, got {type(params).__name__}")
+        raise TypeError(f"params must be a nested mapping, got {type(params).__name__}")
     if prefix and not prefix.endswith("."):
         raise ValueError(f"prefix must be empty or end with '.', got {prefix!r}")
     inner = params["params"] if set(params) == {"params"} and isinstance(params["params"], Mapping) else params
