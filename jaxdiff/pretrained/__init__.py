@@ -1,0 +1,1 @@
+"""Reading diffusers-format Stable Diffusion folders: weights, tokenizer, scheduler, layout."""

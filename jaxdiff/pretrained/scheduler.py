@@ -1,0 +1,348 @@
+"""A diffusers ``scheduler_config.json`` -> jaxdiff's Schedule, prediction type and timestep grids.
+
+Timesteps: jaxdiff's t is 1..T with ``alpha_bars[t - 1]`` (see ``jaxdiff.schedules``); diffusers'
+tau is 0-indexed, so t = tau + 1. A grid from ``inference_timesteps`` is strictly decreasing and its
+LAST element is the endpoint the sampler steps to without evaluating the network there: 0 is clean
+data, 1 is diffusers' ``alphas_cumprod[0]`` (DDIM with ``set_alpha_to_one=False``, DPM-Solver with
+``final_sigmas_type="sigma_min"``).
+
+Sampler settings: a pipeline that swaps its scheduler in diffusers writes
+``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``. Since diffusers records which
+keys it filled from its own defaults (``_use_default_values``) and drops them in ``from_config``,
+that is the same as: the keys written in the file, and the new class's defaults for every other
+key (``PNDMScheduler``'s default ``timestep_spacing="leading"`` does NOT carry over into
+DPM-Solver's "linspace"; a file saved by ``save_pretrained``, which writes every key, does carry
+it). ``sampler_settings`` resolves exactly that; keyword overrides play ``from_config(config, **kw)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxdiff.schedules import Schedule, from_betas
+
+
+class SchedulerConfigError(ValueError):
+    """A scheduler config (or sampler setting) jaxdiff cannot reproduce."""
+
+
+# The defaults of the diffusers classes (0.42.1) for the keys read here; tests check them against
+# the signatures recorded by tests/fixtures/make_scheduler_fixtures.py.
+COMMON_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "rescale_betas_zero_snr": False,
+}
+DDIM_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "leading",
+}
+DPM_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "solver_order": 2,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "final_sigmas_type": "zero",
+    "lambda_min_clipped": -math.inf,
+    "variance_type": None,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "use_dynamic_shifting": False,
+}
+# jaxdiff sampler name -> (the diffusers class it reproduces, that class's defaults)
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", DDIM_DEFAULTS),
+    "dpm_solver_pp": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
+}
+_ALIASES = {cls: name for name, (cls, _) in SAMPLERS.items()}
+
+
+class SamplerSetup(NamedTuple):
+    """What a jaxdiff sampler needs to reproduce one diffusers scheduler run.
+
+    ``timesteps``: the grid (int32, strictly decreasing, last = endpoint). ``clip_x0``: DDIM's
+    ``clip_sample_range`` when ``clip_sample`` is on, else None. ``final_first_order``: whether
+    diffusers takes the last step of a multistep solver at first order (DPM-Solver: with
+    ``final_sigmas_type="zero"``, ``euler_at_final``, or ``lower_order_final`` under 15 steps).
+    ``settings``: the resolved diffusers config of the sampler.
+    """
+
+    timesteps: np.ndarray
+    clip_x0: float | None
+    final_first_order: bool
+    settings: dict
+
+
+def read_scheduler_config(source: str | os.PathLike | Mapping) -> dict:
+    """The config dict from a ``scheduler/`` folder, a ``scheduler_config.json`` path, or a dict."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "scheduler_config.json"
+    if not path.is_file():
+        raise SchedulerConfigError(f"{path}: missing (expected a diffusers scheduler_config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise SchedulerConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SchedulerConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def _get(config: Mapping, key: str, defaults: Mapping = COMMON_DEFAULTS):
+    return config[key] if key in config else defaults[key]
+
+
+def schedule_from_config(config: str | os.PathLike | Mapping) -> Schedule:
+    """The training noise schedule: betas as diffusers builds them (taken in float64 here, so
+    alpha_bars differ from diffusers' float32 cumulative product by ~1e-6 relative).
+
+    beta_schedule "linear": linspace(beta_start, beta_end, T); "scaled_linear" (Stable Diffusion):
+    linspace(sqrt(beta_start), sqrt(beta_end), T)^2; "squaredcos_cap_v2": the cosine schedule with
+    betas capped at 0.999; ``trained_betas``: those betas.
+    """
+    config = read_scheduler_config(config)
+    if _get(config, "rescale_betas_zero_snr"):
+        raise SchedulerConfigError(
+            "rescale_betas_zero_snr=True makes abar_T = 0 (infinite noise), which jaxdiff's schedules do not represent"
+        )
+    T = _get(config, "num_train_timesteps")
+    if not isinstance(T, int) or T < 1:
+        raise SchedulerConfigError(f"num_train_timesteps must be a positive integer, got {T!r}")
+    trained = _get(config, "trained_betas")
+    kind = _get(config, "beta_schedule")
+    b0, b1 = float(_get(config, "beta_start")), float(_get(config, "beta_end"))
+    if trained is not None:
+        betas = np.asarray(trained, np.float64)
+        if betas.shape != (T,):
+            raise SchedulerConfigError(
+                f"trained_betas must hold num_train_timesteps={T} values, got shape {betas.shape}"
+            )
+        label = f"diffusers:trained_betas(T={T})"
+    elif kind == "linear":
+        betas = np.linspace(b0, b1, T, dtype=np.float64)
+        label = f"diffusers:linear(T={T},{b0},{b1})"
+    elif kind == "scaled_linear":
+        betas = np.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=np.float64) ** 2
+        label = f"diffusers:scaled_linear(T={T},{b0},{b1})"
+    elif kind == "squaredcos_cap_v2":
+        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], np.float64)
+        label = f"diffusers:squaredcos_cap_v2(T={T})"
+    else:
+        raise SchedulerConfigError(
+            f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2' (or trained_betas given), got {kind!r}"
+        )
+    try:
+        return from_betas(betas, kind=label)
+    except ValueError as e:
+        raise SchedulerConfigError(f"scheduler config gives invalid betas: {e}") from None
+
+
+def prediction_type(config: str | os.PathLike | Mapping) -> str:
+    """What the U-Net predicts: "epsilon" or "v_prediction" (convert with
+    ``jaxdiff.parametrization.eps_from_v`` before a sampler sees it)."""
+    config = read_scheduler_config(config)
+    kind = _get(config, "prediction_type")
+    if kind in ("epsilon", "v_prediction"):
+        return kind
+    if kind == "sample":
+        raise SchedulerConfigError(
+            "prediction_type 'sample' (the network predicts x0) is not supported yet: it needs an eps adapter "
+            "eps = parametrization.eps_from_x0(x_t, x0, alpha_bar=abar_t) in the pipeline"
+        )
+    raise SchedulerConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
+
+
+def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overrides) -> dict:
+    """The config diffusers' ``<Sampler>.from_config(config, **overrides)`` would run with: the keys
+    present in ``config`` (hidden ``_``-keys aside), the sampler class's defaults for the rest.
+    Refuses settings that jaxdiff's sampler cannot reproduce."""
+    name = _sampler_name(sampler)
+    config = read_scheduler_config(config)
+    defaults = SAMPLERS[name][1]
+    used = [k for k in config.get("_use_default_values", []) if k in config]
+    settings = {k: v for k, v in config.items() if not k.startswith("_") and k not in used}
+    settings.update(overrides)
+    for k, v in defaults.items():
+        settings.setdefault(k, v)
+    if settings["thresholding"]:
+        raise SchedulerConfigError("thresholding=True (dynamic thresholding of x0) is not supported")
+    if name == "dpm_solver_pp":
+        _check_dpm(settings)
+    return settings
+
+
+def _check_dpm(s: dict) -> None:
+    want = {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "variance_type": None,
+        "use_dynamic_shifting": False,
+    }
+    for key, value in want.items():
+        if s[key] != value:
+            raise SchedulerConfigError(
+                f"DPM-Solver setting {key}={s[key]!r}: jaxdiff's dpm_solver_pp is DPM-Solver++(2M), which needs {key}={value!r}"
+            )
+    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
+        if s[key]:
+            raise SchedulerConfigError(f"DPM-Solver setting {key}=True is not supported (only the training timesteps)")
+    if s["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
+
+
+def _sampler_name(sampler: str) -> str:
+    if sampler in SAMPLERS:
+        return sampler
+    if sampler in _ALIASES:
+        return _ALIASES[sampler]
+    raise SchedulerConfigError(f"sampler must be one of {sorted(SAMPLERS)} (or {sorted(_ALIASES)}), got {sampler!r}")
+
+
+def sampler_setup(
+    config: str | os.PathLike | Mapping, steps: int, sampler: str, *, strict: bool = True, **overrides
+) -> SamplerSetup:
+    """The jaxdiff timestep grid and options that reproduce diffusers' ``sampler`` at ``steps`` steps.
+
+    DDIM (diffusers' ``DDIMScheduler``): tau lists by ``timestep_spacing`` ("leading":
+    arange(steps) * (T // steps) + steps_offset; "trailing": round(arange(T, 0, -T / steps)) - 1;
+    "linspace": round(linspace(0, T - 1, steps))), reversed. diffusers steps each tau to
+    tau - T // steps, not to the next listed tau, and ends at alphas_cumprod[prev] or, below 0, at
+    1 (``set_alpha_to_one``) or alphas_cumprod[0]. Where the two differ (trailing and linspace
+    spacings at most step counts) no single jaxdiff grid reproduces diffusers: ``strict`` raises,
+    ``strict=False`` returns the listed taus (each step to the next listed one).
+
+    DPM-Solver (``DPMSolverMultistepScheduler``): "linspace": round(linspace(0, last - 1, steps + 1))
+    reversed, without its final 0; "leading": arange(steps + 1) * (last // (steps + 1)) reversed,
+    without the final 0, + steps_offset; "trailing": round(arange(last, 0, -T / steps)) - 1; with
+    last = T unless ``lambda_min_clipped`` cuts the noisiest steps. Endpoint 0 for
+    ``final_sigmas_type="zero"``, 1 for "sigma_min".
+
+    A last step that would not move (its endpoint equal to its own timestep: diffusers evaluates
+    the network and returns the sample unchanged) is dropped.
+    """
+    name = _sampler_name(sampler)
+    settings = sampler_settings(config, name, **overrides)
+    T = settings["num_train_timesteps"]
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise SchedulerConfigError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
+    steps = int(steps)
+    spacing = settings["timestep_spacing"]
+    offset = settings["steps_offset"]
+    if name == "ddim":
+        taus, endpoint, exact = _ddim_grid(settings, T, steps, spacing, offset)
+        if not exact and strict:
+            raise SchedulerConfigError(
+                f"DDIM with timestep_spacing={spacing!r} at {steps} steps: diffusers steps each tau to tau - {T // steps} "
+                f"but then evaluates the next listed tau, which differs, so no jaxdiff grid reproduces it exactly; "
+                f"pass strict=False for the listed timesteps, or use steps that divide {T} with 'trailing', or 'leading'"
+            )
+        clip = float(settings["clip_sample_range"]) if settings["clip_sample"] else None
+        final_first = True
+    else:
+        taus, endpoint = _dpm_grid(settings, T, steps, spacing, offset)
+        clip = None
+        final_first = bool(
+            settings["final_sigmas_type"] == "zero"
+            or settings["euler_at_final"]
+            or (settings["lower_order_final"] and len(taus) < 15)
+        )
+    if np.any(taus < 0) or np.any(taus > T - 1):
+        raise SchedulerConfigError(
+            f"{name} with timestep_spacing={spacing!r}, steps_offset={offset} at {steps} steps gives timesteps "
+            f"outside 0..{T - 1}: {taus.tolist()}"
+        )
+    grid = np.append(taus + 1, endpoint).astype(np.int64)
+    if len(grid) > 2 and grid[-1] == grid[-2]:
+        grid = np.delete(grid, -2)
+    if not np.all(np.diff(grid) < 0):
+        raise SchedulerConfigError(
+            f"{name} with timestep_spacing={spacing!r} at {steps} steps repeats a timestep ({(grid - 1).tolist()}, "
+            f"diffusers' tau): jaxdiff's samplers need strictly decreasing timesteps"
+        )
+    return SamplerSetup(grid.astype(np.int32), clip, final_first, settings)
+
+
+def inference_timesteps(
+    config: str | os.PathLike | Mapping, steps: int, sampler: str, *, strict: bool = True, **overrides
+) -> np.ndarray:
+    """The jaxdiff timestep grid (int32, 1-indexed, strictly decreasing, last = endpoint) that
+    reproduces diffusers' ``sampler`` at ``steps`` steps: see ``sampler_setup``."""
+    return sampler_setup(config, steps, sampler, strict=strict, **overrides).timesteps
+
+
+def _ddim_grid(s: dict, T: int, steps: int, spacing: str, offset: int) -> tuple[np.ndarray, int, bool]:
+    if spacing == "leading":
+        taus = np.arange(steps, dtype=np.int64)[::-1] * (T // steps) + offset
+    elif spacing == "trailing":
+        taus = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        taus = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    else:
+        raise SchedulerConfigError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
+    prev = taus - T // steps
+    exact = bool(np.array_equal(prev[:-1], taus[1:]))
+    endpoint = int(prev[-1]) + 1 if prev[-1] >= 0 else (0 if s["set_alpha_to_one"] else 1)
+    return taus, endpoint, exact
+
+
+def _dpm_grid(s: dict, T: int, steps: int, spacing: str, offset: int) -> tuple[np.ndarray, int]:
+    last = T
+    if s["lambda_min_clipped"] != -math.inf:
+        # diffusers drops the noisiest timesteps whose lambda = log(alpha / sigma) lies below the clip
+        abar = np.cumprod(1.0 - _betas_for_clip(s))
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))
+        last = T - int(np.searchsorted(lam[::-1], s["lambda_min_clipped"]))
+    if spacing == "linspace":
+        taus = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ratio = last // (steps + 1)
+        taus = (np.arange(steps + 1, dtype=np.int64) * ratio)[::-1][:-1] + offset
+    elif spacing == "trailing":
+        taus = np.round(np.arange(last, 0, -T / steps)).astype(np.int64) - 1
+    else:
+        raise SchedulerConfigError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
+    endpoint = 0 if s["final_sigmas_type"] == "zero" else 1
+    return taus, endpoint
+
+
+def _betas_for_clip(s: dict) -> np.ndarray:
+    return np.asarray(schedule_from_config(s).betas, np.float64)
+
+
+def describe(setup: SamplerSetup) -> dict[str, Any]:
+    """A JSON-friendly summary (for logs and the CLI)."""
+    return {
+        "timesteps": setup.timesteps.tolist(),
+        "clip_x0": setup.clip_x0,
+        "final_first_order": setup.final_first_order,
+        "timestep_spacing": setup.settings["timestep_spacing"],
+        "steps_offset": setup.settings["steps_offset"],
+    }

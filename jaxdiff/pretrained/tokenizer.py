@@ -1,0 +1,245 @@
+"""CLIP's byte-level BPE tokenizer, built with the ``tokenizers`` package from a tokenizer folder.
+
+The pipeline, stage by stage (Radford et al.'s CLIP tokenizer as transformers' CLIPTokenizer runs it):
+
+1. special tokens written in the text (``<|endoftext|>``, SD 2.x's pad token ``!``) are cut out
+   first and keep their ids; each one matches the raw text or, if its ``normalized`` flag is set,
+   the normalised text (the flags come from the tokenizer config: see ``_special_tokens``);
+2. normalise: Unicode NFC, every whitespace run -> one space, lower case;
+3. pre-tokenise with CLIP's pattern: the special-token strings, the contractions 's 't 're 've 'm
+   'll 'd, runs of letters, single digits, runs of anything else but whitespace; whitespace is
+   dropped. Then byte-level: each UTF-8 byte becomes its printable stand-in (GPT-2's table); its
+   own GPT-2 split is kept because it changes one thing: a special-token string that survived as
+   text is cut into ``<|``, ``endoftext``, ``|>``;
+4. BPE over each piece with the merges in rank order, the last symbol carrying ``</w>``;
+5. ``<|startoftext|>`` ... ``<|endoftext|>`` around the ids; truncation to ``model_max_length``
+   (77) keeps both; padding to it with the pad token the config names.
+
+The result is ``(ids, mask)``, int32 NumPy arrays of shape (N, model_max_length).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# CLIP's pre-tokenisation pattern (Radford et al.), matched on lower-cased text
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "pad_token")  # in transformers' order
+DEFAULTS = {
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
+
+
+class TokenizerConfigError(ValueError):
+    """A tokenizer folder that is incomplete or inconsistent."""
+
+
+class CLIPTokenizer:
+    """``tokenizer(prompts) -> (ids, mask)``: int32 arrays of shape (N, max_length).
+
+    Build it with ``CLIPTokenizer.from_folder(<sd>/tokenizer)`` (or ``load_tokenizer``).
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: Sequence[tuple[str, str]],
+        *,
+        special_tokens: dict[str, dict],
+        max_length: int = 77,
+        added_tokens: Sequence[dict] = (),
+    ):
+        """``special_tokens``: attribute (bos_token, eos_token, unk_token, pad_token) -> a dict with
+        ``content`` and optionally the flags ``normalized``, ``lstrip``, ``rstrip``, ``single_word``.
+        ``added_tokens``: further tokens in the same form, each with its ``id`` (applied first)."""
+        from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
+        from tokenizers.models import BPE
+
+        if not isinstance(max_length, int) or max_length < 2:
+            raise TokenizerConfigError(
+                f"max_length must be an integer >= 2 (room for the start and end tokens), got {max_length!r}"
+            )
+        missing = [a for a in SPECIAL_ATTRIBUTES if a not in special_tokens]
+        if missing:
+            raise TokenizerConfigError(f"special_tokens lacks {', '.join(missing)}")
+        for attr in SPECIAL_ATTRIBUTES:
+            content = special_tokens[attr]["content"]
+            if content not in vocab:
+                raise TokenizerConfigError(f"{attr} {content!r} is not in the vocabulary")
+        self.vocab_size = len(vocab)
+        self.max_length = max_length
+        self.special_tokens = {a: dict(special_tokens[a]) for a in SPECIAL_ATTRIBUTES}
+        self.bos_token_id = vocab[special_tokens["bos_token"]["content"]]
+        self.eos_token_id = vocab[special_tokens["eos_token"]["content"]]
+        self.pad_token_id = vocab[special_tokens["pad_token"]["content"]]
+
+        tok = Tokenizer(
+            BPE(
+                vocab=dict(vocab),
+                merges=[tuple(m) for m in merges],
+                end_of_word_suffix="</w>",
+                unk_token=special_tokens["unk_token"]["content"],
+            )
+        )
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+
+        def added(spec: dict) -> AddedToken:
+            return AddedToken(
+                spec["content"],
+                single_word=bool(spec.get("single_word", False)),
+                lstrip=bool(spec.get("lstrip", False)),
+                rstrip=bool(spec.get("rstrip", False)),
+                normalized=bool(spec.get("normalized", False)),  # a special token's default: raw text
+                special=True,
+            )
+
+        # added one by one in transformers' order, so a later flag for the same content wins
+        for spec in list(added_tokens) + [special_tokens[a] for a in SPECIAL_ATTRIBUTES]:
+            tok.add_special_tokens([added(spec)])
+        bos, eos = special_tokens["bos_token"]["content"], special_tokens["eos_token"]["content"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(bos, self.bos_token_id), (eos, self.eos_token_id)]
+        )
+        tok.enable_truncation(max_length=max_length)
+        tok.enable_padding(
+            length=max_length, pad_id=self.pad_token_id, pad_token=special_tokens["pad_token"]["content"]
+        )
+        self._tok = tok
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> CLIPTokenizer:
+        """A tokenizer folder as diffusers ships it: ``vocab.json`` + ``merges.txt`` (or a
+        ``tokenizer.json`` holding a BPE model), ``tokenizer_config.json`` and, in the older layout,
+        ``special_tokens_map.json``. Special tokens follow transformers' precedence: when
+        tokenizer_config.json has ``added_tokens_decoder`` its own entries hold (with the flags
+        listed there); otherwise special_tokens_map.json overrides tokenizer_config.json. A token
+        given as a plain string matches raw text only (``normalized`` false)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise TokenizerConfigError(f"{folder}: no such tokenizer folder")
+        config = _read_json(folder / "tokenizer_config.json", required=False) or {}
+        added_tokens: list[dict] = []
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = _read_json(folder / "vocab.json")
+            merges = _read_merges(folder / "merges.txt")
+        elif (folder / "tokenizer.json").is_file():
+            vocab, merges, added_tokens = _read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            raise TokenizerConfigError(
+                f"{folder}: expected vocab.json and merges.txt (or tokenizer.json), found "
+                f"{', '.join(sorted(p.name for p in folder.iterdir())) or 'nothing'}"
+            )
+        specials = _special_tokens(folder, config, added_tokens)
+        max_length = config.get("model_max_length", 77)
+        if not isinstance(max_length, int) or max_length > 10**6:  # transformers' "unset" is 1e30
+            raise TokenizerConfigError(
+                f"{folder / 'tokenizer_config.json'}: model_max_length must be the text encoder's length (77 for CLIP), "
+                f"got {max_length!r}"
+            )
+        return cls(vocab, merges, special_tokens=specials, max_length=max_length, added_tokens=added_tokens)
+
+    def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask)`` for one prompt or a list: int32 arrays of shape (N, max_length); the
+        mask is 1 on the start token, the prompt's tokens and the end token, 0 on padding."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(
+                f"prompts must be a string or a sequence of strings, got {[type(p).__name__ for p in prompts]}"
+            )
+        if not prompts:
+            shape = (0, self.max_length)
+            return np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        encodings = self._tok.encode_batch(prompts)
+        ids = np.asarray([e.ids for e in encodings], dtype=np.int32)
+        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int32)
+        return ids, mask
+
+    def tokens(self, prompt: str) -> list[str]:
+        """The token strings of one prompt, without padding: for looking, not for the model."""
+        e = self._tok.encode(prompt)
+        return [t for t, m in zip(e.tokens, e.attention_mask) if m]
+
+
+def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+    return CLIPTokenizer.from_folder(folder)
+
+
+def _read_json(path: Path, required: bool = True):
+    if not path.is_file():
+        if required:
+            raise TokenizerConfigError(f"{path}: missing")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TokenizerConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise TokenizerConfigError(f"{path}:{n}: a merge must be two symbols separated by one space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict, list, list]:
+    data = _read_json(path)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+        raise TokenizerConfigError(f"{path}: expected a BPE model with vocab and merges")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    if any(len(m) != 2 for m in merges):
+        raise TokenizerConfigError(f"{path}: every merge must be a pair of symbols")
+    added = [t for t in data.get("added_tokens", []) if isinstance(t, dict) and isinstance(t.get("content"), str)]
+    return model["vocab"], merges, sorted(added, key=lambda t: t.get("id", 0))
+
+
+def _special_tokens(folder: Path, config: dict, added_tokens: list[dict]) -> dict[str, dict]:
+    """attribute -> {content, flags}, resolved the way transformers resolves them."""
+    values = {a: config.get(a) for a in SPECIAL_ATTRIBUTES}
+    known = {}
+    if "added_tokens_decoder" in config:
+        known = {t["content"]: t for t in config["added_tokens_decoder"].values() if isinstance(t, dict)}
+    else:
+        smap = _read_json(folder / "special_tokens_map.json", required=False) or {}
+        for a in SPECIAL_ATTRIBUTES:
+            if smap.get(a) is not None:
+                values[a] = smap[a]
+    known.update({t["content"]: t for t in added_tokens if "content" in t})
+    out = {}
+    for a in SPECIAL_ATTRIBUTES:
+        v = values[a] if values[a] is not None else DEFAULTS[a]
+        content = v.get("content") if isinstance(v, dict) else v
+        if not isinstance(content, str) or not content:
+            raise TokenizerConfigError(f"{folder}: {a} must be a string or a token dict with 'content', got {v!r}")
+        if content in known:  # a listed added token brings its own flags
+            spec = known[content]
+        elif isinstance(v, dict):
+            spec = v
+        else:
+            spec = {"content": content, "normalized": False}
+        out[a] = {k: spec[k] for k in ("content", "normalized", "lstrip", "rstrip", "single_word") if k in spec}
+    return out

@@ -1,0 +1,209 @@
+"""Scheduler configs -> Schedule, prediction type and timestep grids, against diffusers' recorded runs.
+
+tests/fixtures/make_scheduler_fixtures.py ran diffusers' DDIMScheduler and
+DPMSolverMultistepScheduler (swapped in as ``X.from_config(pipe.scheduler.config, **overrides)``)
+for SD 1.5's and SD 2.1's scheduler configs and recorded the timesteps, the abar each DDIM step
+actually used (read back from ``step()``) and DPM-Solver's sigmas.
+"""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxdiff.pretrained import scheduler as S
+from jaxdiff.pretrained.scheduler import SchedulerConfigError
+
+FIXTURE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "sd_scheduler" / "expected.json").read_text())
+CONFIGS = FIXTURE["configs"]
+RUNS = FIXTURE["runs"]
+
+
+def steps_off_grid(r):
+    """diffusers' DDIM stepped to an abar other than the one it then evaluated at (observed)."""
+    return r["sampler"] == "ddim" and not np.allclose(r["abar_prev"][:-1], r["abar_t"][1:], rtol=1e-5)
+
+
+EXACT = [r for r in RUNS if not steps_off_grid(r)]
+INEXACT = [r for r in RUNS if r not in EXACT]
+
+
+def abar_at(config, t):
+    """abar_t for jaxdiff's t in 0..T (abar_0 = 1), in NumPy."""
+    abar = np.asarray(S.schedule_from_config(config).alpha_bars, np.float64)
+    return np.concatenate([[1.0], abar])[np.asarray(t)]
+
+
+def run_id(r):
+    extra = ",".join(f"{k}={v}" for k, v in r["overrides"].items())
+    return f"{r['config']}-{r['sampler']}-{r['steps']}" + (f"-{extra}" if extra else "")
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE["alphas_cumprod"]))
+def test_alpha_bars_equal_diffusers(name):
+    schedule = S.schedule_from_config(CONFIGS[name])
+    want = np.asarray(FIXTURE["alphas_cumprod"][name], np.float64)
+    # diffusers multiplies 1000 float32 factors; jaxdiff takes the product in float64
+    np.testing.assert_allclose(np.asarray(schedule.alpha_bars, np.float64), want, rtol=2e-5)
+    assert schedule.num_timesteps == len(want)
+
+
+def test_scaled_linear_is_the_closed_form():
+    s = S.schedule_from_config(CONFIGS["sd15"])
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000) ** 2
+    np.testing.assert_allclose(np.asarray(s.betas, np.float64), betas, rtol=1e-6)
+    assert s.kind == "diffusers:scaled_linear(T=1000,0.00085,0.012)"
+
+
+@pytest.mark.parametrize("r", EXACT, ids=[run_id(r) for r in EXACT])
+def test_grid_reproduces_diffusers(r):
+    config = CONFIGS[r["config"]]
+    grid = S.inference_timesteps(config, r["steps"], r["sampler"], **r["overrides"])
+    abar = abar_at(config, grid)
+    assert grid.dtype == np.int32 and (np.diff(grid) < 0).all()
+    # the network is evaluated at every element but the last, at diffusers' tau = t - 1
+    assert (grid[:-1] - 1).tolist() == r["timesteps"]
+    if r["sampler"] == "ddim":
+        # each step goes from abar(grid[i]) to abar(grid[i + 1]), as diffusers' step() did
+        np.testing.assert_allclose(abar[:-1], r["abar_t"], rtol=2e-5)
+        np.testing.assert_allclose(abar[1:], r["abar_prev"], rtol=2e-5)
+    else:
+        sigma = np.sqrt((1 - abar) / abar)
+        np.testing.assert_allclose(sigma, r["sigmas"], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("r", INEXACT, ids=[run_id(r) for r in INEXACT])
+def test_ddim_spacings_diffusers_steps_off_grid_are_refused(r):
+    config = CONFIGS[r["config"]]
+    with pytest.raises(SchedulerConfigError, match="no jaxdiff grid reproduces it exactly"):
+        S.inference_timesteps(config, r["steps"], r["sampler"], **r["overrides"])
+    # diffusers' last step (tau - T // steps) lands where the listed next tau would not: why it is refused
+    assert any(a != b for a, b in zip(np.asarray(r["timesteps"][:-1]) - 1000 // r["steps"], r["timesteps"][1:]))
+    loose = S.inference_timesteps(config, r["steps"], r["sampler"], strict=False, **r["overrides"])
+    # the listed taus, each step to the next one, and diffusers' final abar (a last tau 0 that
+    # would step to abar_1 again is dropped)
+    listed = r["timesteps"][:-1] if r["timesteps"][-1] == 0 and loose[-1] == 1 else r["timesteps"]
+    assert (loose[:-1] - 1).tolist() == listed
+    final = abar_at(config, loose)[-1]
+    np.testing.assert_allclose(final, r["abar_prev"][-1], rtol=2e-5)
+
+
+def test_sd_defaults():
+    """The facts the lead's pipeline relies on, in one place."""
+    assert S.prediction_type(CONFIGS["sd15"]) == "epsilon"
+    assert S.prediction_type(CONFIGS["sd21"]) == "v_prediction"
+    ddim = S.sampler_setup(CONFIGS["sd15"], 50, "ddim")
+    assert ddim.timesteps[:2].tolist() == [982, 962] and ddim.timesteps[-2:].tolist() == [2, 1]  # ends at abar_1
+    assert ddim.clip_x0 is None and ddim.final_first_order
+    dpm = S.sampler_setup(CONFIGS["sd15"], 20, "dpm_solver_pp")
+    assert dpm.timesteps[0] == 1000 and dpm.timesteps[-1] == 0 and dpm.final_first_order
+    assert dpm.settings["timestep_spacing"] == "linspace"  # PNDM's default "leading" is not inherited
+    resaved = S.sampler_setup(CONFIGS["sd15_resaved"], 20, "dpm_solver_pp")
+    assert resaved.settings["timestep_spacing"] == "leading" and resaved.timesteps[0] == 942  # steps + 1 spacing
+    assert not S.sampler_setup(CONFIGS["sd15"], 20, "dpm_solver_pp", final_sigmas_type="sigma_min").final_first_order
+    assert S.sampler_setup(CONFIGS["sd15"], 14, "dpm_solver_pp", final_sigmas_type="sigma_min").final_first_order
+    assert S.sampler_setup(CONFIGS["linear"], 20, "ddim", clip_sample=True).clip_x0 == 1.0
+    assert (
+        S.sampler_setup(CONFIGS["sd15"], 20, "DPMSolverMultistepScheduler").timesteps.tolist() == dpm.timesteps.tolist()
+    )
+
+
+def test_effective_settings_match_diffusers():
+    for r in RUNS:
+        settings = S.sampler_settings(CONFIGS[r["config"]], r["sampler"], **r["overrides"])
+        for key, value in r["effective"].items():
+            assert settings[key] == value, (run_id(r), key)
+
+
+@pytest.mark.parametrize(
+    "cls,table", [("DDIMScheduler", S.DDIM_DEFAULTS), ("DPMSolverMultistepScheduler", S.DPM_DEFAULTS)]
+)
+def test_default_tables_are_diffusers_defaults(cls, table):
+    recorded = FIXTURE["defaults"][cls]
+    for key, value in table.items():
+        want = recorded[key]
+        assert (value == -math.inf and want == "-inf") or value == want, key
+
+
+def test_read_from_folder_and_file(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(CONFIGS["sd21"]))
+    grid = S.inference_timesteps(tmp_path / "scheduler", 20, "ddim")
+    assert grid.tolist() == S.inference_timesteps(CONFIGS["sd21"], 20, "ddim").tolist()
+    assert S.prediction_type(tmp_path / "scheduler" / "scheduler_config.json") == "v_prediction"
+    with pytest.raises(SchedulerConfigError, match="scheduler_config.json: missing"):
+        S.read_scheduler_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"beta_schedule": "sigmoid"}, "beta_schedule must be"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ({"trained_betas": [0.1, 0.2]}, "trained_betas must hold num_train_timesteps=1000"),
+        ({"num_train_timesteps": 0}, "num_train_timesteps"),
+    ],
+)
+def test_schedule_refusals(change, match):
+    with pytest.raises(SchedulerConfigError, match=match):
+        S.schedule_from_config({**CONFIGS["sd15"], **change})
+
+
+def test_prediction_type_refusals():
+    with pytest.raises(SchedulerConfigError, match="eps_from_x0"):
+        S.prediction_type({"prediction_type": "sample"})
+    with pytest.raises(SchedulerConfigError, match="'epsilon' or 'v_prediction'"):
+        S.prediction_type({"prediction_type": "flow_prediction"})
+
+
+@pytest.mark.parametrize(
+    "sampler,overrides,match",
+    [
+        ("dpm_solver_pp", {"use_karras_sigmas": True}, "use_karras_sigmas"),
+        ("dpm_solver_pp", {"solver_order": 3}, "solver_order"),
+        ("dpm_solver_pp", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ("dpm_solver_pp", {"solver_type": "heun"}, "solver_type"),
+        ("ddim", {"thresholding": True}, "thresholding"),
+        ("ddim", {"timestep_spacing": "karras"}, "timestep_spacing must be"),
+        ("euler", {}, "sampler must be one of"),
+    ],
+)
+def test_sampler_refusals(sampler, overrides, match):
+    with pytest.raises(SchedulerConfigError, match=match):
+        S.inference_timesteps(CONFIGS["sd15"], 20, sampler, **overrides)
+
+
+@pytest.mark.parametrize("steps", [0, 1001, 2.5, True])
+def test_bad_step_counts(steps):
+    with pytest.raises(SchedulerConfigError, match="steps must be an integer"):
+        S.inference_timesteps(CONFIGS["sd15"], steps, "ddim")
+
+
+def test_out_of_range_timesteps_are_refused():
+    # leading with steps_offset 1 at T steps would evaluate tau = T, past alphas_cumprod
+    with pytest.raises(SchedulerConfigError, match="outside 0..999"):
+        S.inference_timesteps(CONFIGS["sd15"], 1000, "ddim")
+
+
+def test_a_last_step_that_does_not_move_is_dropped():
+    # trained config: leading, offset 0, set_alpha_to_one False: diffusers' last tau is 0 and it
+    # steps to alphas_cumprod[0] again (the network runs, the sample is returned unchanged)
+    grid = S.inference_timesteps(CONFIGS["trained"], 10, "ddim", set_alpha_to_one=False)
+    assert grid.tolist() == [46, 41, 36, 31, 26, 21, 16, 11, 6, 1]
+
+
+def test_in_memory_diffusers_config_drops_keys_filled_by_default():
+    # pipe.scheduler.config as diffusers holds it: PNDM's defaults listed in _use_default_values
+    live = {
+        **CONFIGS["sd15"],
+        "timestep_spacing": "leading",
+        "prediction_type": "epsilon",
+        "_use_default_values": ["timestep_spacing", "prediction_type"],
+    }
+    assert S.sampler_settings(live, "dpm_solver_pp")["timestep_spacing"] == "linspace"
+    assert (
+        S.inference_timesteps(live, 20, "dpm_solver_pp").tolist()
+        == S.inference_timesteps(CONFIGS["sd15"], 20, "dpm_solver_pp").tolist()
+    )
