@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance, sampling, schedules, train
-from jaxdiff.nets.unet import UNet
+from jaxdiff.nets.unet import textbook_unet
 
 
 def timed(fn, repeats: int) -> float:
@@ -70,10 +70,10 @@ def flops(jitted, *args) -> float:
 class JaxBench:
     def __init__(self, args, dtype):
         self.args, self.dtype = args, dtype
-        self.model = UNet(channels=args.channels, dtype=dtype)
+        self.model = textbook_unet(channels=args.channels, dtype=dtype)
         self.sched = schedules.linear(args.timesteps)
         x = jnp.zeros((1, 28, 28, 1))
-        self.params = UNet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+        self.params = textbook_unet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
         self.tx = train.make_optimizer(train.OptimConfig())
         self.loss = train.diffusion_loss(self.model.apply, self.sched, p_uncond=0.1, null_label=10)
 

@@ -28,7 +28,7 @@ from jaxdiff.data import to_uint8
 from jaxdiff.nets.autoencoder import Autoencoder
 from jaxdiff.nets.classifier import EvalClassifier, NoisyClassifier
 from jaxdiff.nets.text import ImageEncoder, TextEncoder, Tokenizer
-from jaxdiff.nets.unet import UNet
+from jaxdiff.nets.unet import textbook_unet
 
 ARCH_KEYS = ("model", "num_classes", "channels", "blocks_per_level", "attention_levels", "cond_dim")
 MUST_MATCH = ARCH_KEYS + ("schedule", "num_timesteps", "image_shape", "dataset")
@@ -47,23 +47,25 @@ def model_from_config(config: dict, dtype=jnp.float32):
     """The flax module a checkpoint's configuration describes ('clip': (text, image) encoders)."""
     kind, ch = config["model"], tuple(config.get("channels") or ())
     if kind == "unet":
-        return UNet(num_classes=config["num_classes"], channels=ch, blocks_per_level=config["blocks_per_level"],
-                    attention_levels=tuple(config["attention_levels"]), cond_dim=config["cond_dim"], dtype=dtype)
+        return textbook_unet(num_classes=config["num_classes"], channels=ch,
+                             blocks_per_level=config["blocks_per_level"],
+                             attention_levels=tuple(config["attention_levels"]), cond_dim=config["cond_dim"],
+                             dtype=dtype)
     if kind == "classifier":
         return NoisyClassifier(num_classes=config["num_classes"], channels=ch, cond_dim=config["cond_dim"], dtype=dtype)
     if kind == "eval_classifier":
         return EvalClassifier(num_classes=config["num_classes"], channels=ch, dtype=dtype)
     if kind == "superres":
-        return UNet(num_classes=0, channels=ch, out_channels=config["image_shape"][-1], dtype=dtype)
+        return textbook_unet(num_classes=0, channels=ch, out_channels=config["image_shape"][-1], dtype=dtype)
     if kind == "autoencoder":
         return Autoencoder(channels=ch, latent_channels=config["latent_channels"], dtype=dtype)
     if kind == "clip":
         return (TextEncoder(vocab_size=len(config["vocab"]), max_len=config["max_len"], dtype=dtype),
                 ImageEncoder(dtype=dtype))
     if kind == "ldm":
-        return UNet(num_classes=0, channels=ch, cond_dim=config["cond_dim"],
-                    cross_attention_levels=tuple(config["cross_attention_levels"]),
-                    out_channels=config["latent_shape"][-1], dtype=dtype)
+        return textbook_unet(num_classes=0, channels=ch, cond_dim=config["cond_dim"],
+                             cross_attention_levels=tuple(config["cross_attention_levels"]),
+                             out_channels=config["latent_shape"][-1], dtype=dtype)
     raise ValueError(f"unknown model {kind!r}; expected unet, classifier, eval_classifier, superres, autoencoder, "
                      f"clip or ldm")
 

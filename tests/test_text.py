@@ -7,7 +7,7 @@ import pytest
 
 from jaxdiff import captions
 from jaxdiff.nets.text import ImageEncoder, TextEncoder, Tokenizer, clip_loss
-from jaxdiff.nets.unet import UNet
+from jaxdiff.nets.unet import textbook_unet
 
 TOK = Tokenizer.from_texts(captions.all_texts("mnist"), max_len=8)
 
@@ -99,7 +99,7 @@ def test_held_out_templates_are_unseen():
 
 
 def test_cross_attention_reads_the_context_and_ignores_its_padding():
-    unet = UNet(num_classes=0, channels=(8, 16), cond_dim=16, cross_attention_levels=(1,), num_heads=2)
+    unet = textbook_unet(num_classes=0, channels=(8, 16), cond_dim=16, cross_attention_levels=(1,), num_heads=2)
     x, t = jnp.ones((2, 8, 8, 1)) * 0.3, jnp.array([5, 500])
     ctx = jax.random.normal(jax.random.key(0), (2, 4, 12))
     mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)

@@ -12,10 +12,10 @@ import pytest
 
 from jaxdiff import schedules, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
-from jaxdiff.nets.unet import UNet
+from jaxdiff.nets.unet import textbook_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = UNet(num_classes=10, channels=(8, 16), cond_dim=32)
+MODEL = textbook_unet(num_classes=10, channels=(8, 16), cond_dim=32)
 SCHED = schedules.linear(100)
 
 
