@@ -262,7 +262,8 @@ class UNet(nn.Module):
                  context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
         if self.uses_context and context is None:
             raise ValueError("this U-Net has cross-attention: pass context (B, L, D)")
-        if context is not None and self.cross_attention_dim is not None and context.shape[-1] != self.cross_attention_dim:
+        width = self.cross_attention_dim
+        if context is not None and width is not None and context.shape[-1] != width:
             raise ValueError(f"context has width {context.shape[-1]}; this U-Net's cross_attention_dim is "
                              f"{self.cross_attention_dim}")
         b, n = x.shape[0], len(self.block_out_channels)
@@ -371,6 +372,11 @@ def textbook_params_from_legacy(legacy: dict, model: UNet) -> dict:
             level = i if prefix == "down_blocks" else n - 2 - i
             blocks += [(f"{prefix}_{i}", f"resnets_{j}") for j in range(model.layers_per_block[level])]
             attns += [(f"{prefix}_{i}", f"{k}_attn") for k in kinds[i].split("+") if k]
+    expected = {"Dense_0", "Dense_1", "Embed_0", "Conv_0", "Conv_1"} | {f"ConvBlock_{k}" for k in range(len(blocks))} \
+        | {f"Attention_{k}" for k in range(len(attns))}
+    if set(tree) != expected:
+        raise ValueError(f"legacy parameters hold {sorted(set(tree) - expected)} and lack "
+                         f"{sorted(expected - set(tree))}: not the textbook U-Net these settings describe")
     new: dict = {}
 
     def put(path, value):
@@ -396,9 +402,4 @@ def textbook_params_from_legacy(legacy: dict, model: UNet) -> dict:
         for src, dst in (("query", "to_q"), ("key", "to_k"), ("value", "to_v")):
             attn[dst] = {leaf: flat(v) for leaf, v in mha[src].items()}
         put(path, attn)
-    expected = {"Dense_0", "Dense_1", "Embed_0", "Conv_0", "Conv_1"} | {f"ConvBlock_{k}" for k in range(len(blocks))} \
-        | {f"Attention_{k}" for k in range(len(attns))}
-    if set(tree) != expected:
-        raise ValueError(f"legacy parameters hold {sorted(set(tree) - expected)} and lack "
-                         f"{sorted(expected - set(tree))}: not the textbook U-Net these settings describe")
     return {"params": new}

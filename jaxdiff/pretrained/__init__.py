@@ -1,0 +1,1 @@
+"""Pretrained diffusers / transformers checkpoints in jaxdiff: configs -> modules, weights -> parameters."""
