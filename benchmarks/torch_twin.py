@@ -1,4 +1,4 @@
-"""The same U-Net as jaxdiff.nets.unet.UNet (default settings), its training step and its
+"""The same U-Net as jaxdiff.nets.unet.textbook_unet() (default settings), its training step and its
 1000-step CFG DDPM sampler, written in PyTorch for side-by-side speed measurements."""
 
 from __future__ import annotations

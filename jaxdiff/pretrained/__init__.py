@@ -1,1 +1,1 @@
-"""Reading diffusers-format Stable Diffusion folders: weights, tokenizer, scheduler, layout."""
+"""Pretrained diffusers / transformers checkpoints in jaxdiff: configs -> modules, weights -> parameters."""
