@@ -21,7 +21,7 @@ from flax.traverse_util import unflatten_dict
 from jaxdiff.nets.layers import attention, nearest_resize, sinusoidal_embedding
 from jaxdiff.nets.unet import textbook_params_from_legacy, textbook_unet
 from jaxdiff.pretrained.configs import autoencoder_from_config, clip_text_from_config, unet_from_config
-from sd_weights import load_safetensors, to_flax
+from jaxdiff.pretrained.weights import load_params
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 RTOL = 1e-5
@@ -44,8 +44,9 @@ def close(ours, torch_out, rtol=RTOL):
 
 
 def load(model, folder, file, *example):
+    """The checked loader (every tensor accounted for) into a template that allocates nothing."""
     template = jax.eval_shape(model.init, jax.random.key(0), *example)
-    return to_flax(load_safetensors(os.path.join(folder, file)), template)
+    return load_params(template, os.path.join(folder, file))
 
 
 def unet_case(name, k):

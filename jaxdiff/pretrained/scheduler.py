@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxdiff.schedules import Schedule, from_betas
+from jaxdiff import schedules
+from jaxdiff.schedules import Schedule
 
 
 class SchedulerConfigError(ValueError):
@@ -137,31 +138,25 @@ def schedule_from_config(config: str | os.PathLike | Mapping) -> Schedule:
     trained = _get(config, "trained_betas")
     kind = _get(config, "beta_schedule")
     b0, b1 = float(_get(config, "beta_start")), float(_get(config, "beta_end"))
-    if trained is not None:
-        betas = np.asarray(trained, np.float64)
-        if betas.shape != (T,):
-            raise SchedulerConfigError(
-                f"trained_betas must hold num_train_timesteps={T} values, got shape {betas.shape}"
-            )
-        label = f"diffusers:trained_betas(T={T})"
-    elif kind == "linear":
-        betas = np.linspace(b0, b1, T, dtype=np.float64)
-        label = f"diffusers:linear(T={T},{b0},{b1})"
-    elif kind == "scaled_linear":
-        betas = np.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=np.float64) ** 2
-        label = f"diffusers:scaled_linear(T={T},{b0},{b1})"
-    elif kind == "squaredcos_cap_v2":
-        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], np.float64)
-        label = f"diffusers:squaredcos_cap_v2(T={T})"
-    else:
-        raise SchedulerConfigError(
-            f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2' (or trained_betas given), got {kind!r}"
-        )
     try:
-        return from_betas(betas, kind=label)
+        if trained is not None:
+            betas = np.asarray(trained, np.float64)
+            if betas.shape != (T,):
+                raise SchedulerConfigError(
+                    f"trained_betas must hold num_train_timesteps={T} values, got shape {betas.shape}"
+                )
+            return schedules.from_betas(betas)
+        if kind in ("linear", "scaled_linear"):
+            return schedules.ScheduleSpec(kind, T, b0, b1).build()
+        if kind == "squaredcos_cap_v2":  # diffusers' cosine: s = 0.008, betas capped at 0.999
+            return schedules.cosine(T, 0.008, 0.999)
+    except SchedulerConfigError:
+        raise
     except ValueError as e:
         raise SchedulerConfigError(f"scheduler config gives invalid betas: {e}") from None
+    raise SchedulerConfigError(
+        f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2' (or trained_betas given), got {kind!r}"
+    )
 
 
 def prediction_type(config: str | os.PathLike | Mapping) -> str:
