@@ -32,31 +32,37 @@ def read_json(path) -> dict:
 
 
 class StableDiffusion:
-    """The loaded parts of one Stable Diffusion checkpoint, in compute ``dtype`` with ``attention``
-    (None: XLA; "cudnn": the fused kernel). Parameters stay as stored (float32 or float16)."""
+    """The parts of one Stable Diffusion: specs (configs), parameters {"unet", "vae", "text"}, tokenizer and
+    scheduler config; modules in compute ``dtype`` with ``attention`` (None: XLA; "cudnn": the fused
+    kernel where it applies). Parameters stay as they are (float32 or float16 as stored). ``load`` reads
+    them from a diffusers folder; a benchmark can build them from configs and random parameters."""
 
-    def __init__(self, root, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None):
-        index = folders.read_pipeline_index(root)
-        self.root, self.index = root, index
-        self.unet_spec = specs.StableDiffusionUNet.from_config(read_json(index["unet"] / "config.json"))
-        self.vae_spec = specs.StableDiffusionAutoencoder.from_config(read_json(index["vae"] / "config.json"))
-        self.text_spec = specs.CLIPText.from_config(read_json(index["text_encoder"] / "config.json"))
-        self.unet = self.unet_spec.module(dtype, attention)
-        self.vae = self.vae_spec.module(dtype, attention)
-        self.text = self.text_spec.module(dtype, attention)
-        self.params = {
-            "unet": weights.load_params(self.unet_spec.template(), index["unet"], variant=variant, name="unet"),
-            "vae": weights.load_params(self.vae_spec.template(), index["vae"], variant=variant, name="vae"),
-            "text": weights.load_params(self.text_spec.template(), index["text_encoder"], variant=variant,
-                                        name="text_encoder"),
-        }
-        self.tokenizer = tokenizers.load_tokenizer(index["tokenizer"])
-        self.scheduler_config = scheduler.read_scheduler_config(index["scheduler"])
-        self.schedule = scheduler.schedule_from_config(self.scheduler_config)
-        self.prediction = scheduler.prediction_type(self.scheduler_config)
+    def __init__(self, unet_spec, vae_spec, text_spec, params: dict, tokenizer, scheduler_config: dict, *,
+                 dtype=jnp.float32, attention: str | None = None):
+        self.unet_spec, self.vae_spec, self.text_spec = unet_spec, vae_spec, text_spec
+        self.unet = unet_spec.module(dtype, attention)
+        self.vae = vae_spec.module(dtype, attention)
+        self.text = text_spec.module(dtype, attention)
+        self.params, self.tokenizer, self.scheduler_config = params, tokenizer, scheduler_config
+        self.schedule = scheduler.schedule_from_config(scheduler_config)
+        self.prediction = scheduler.prediction_type(scheduler_config)
         self.latent_factor = 2 ** (len(self.vae.block_out_channels) - 1)
-        self.latent_channels = self.unet_spec.config_dict().get("in_channels", 4)
-        self.default_size = self.unet_spec.config_dict().get("sample_size", 64) * self.latent_factor
+        self.latent_channels = unet_spec.config_dict().get("in_channels", 4)
+        self.default_size = unet_spec.config_dict().get("sample_size", 64) * self.latent_factor
+
+    @classmethod
+    def from_folder(cls, root, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None):
+        index = folders.read_pipeline_index(root)
+        unet = specs.StableDiffusionUNet.from_config(read_json(index["unet"] / "config.json"))
+        vae = specs.StableDiffusionAutoencoder.from_config(read_json(index["vae"] / "config.json"))
+        text = specs.CLIPText.from_config(read_json(index["text_encoder"] / "config.json"))
+        params = {
+            "unet": weights.load_params(unet.template(), index["unet"], variant=variant, name="unet"),
+            "vae": weights.load_params(vae.template(), index["vae"], variant=variant, name="vae"),
+            "text": weights.load_params(text.template(), index["text_encoder"], variant=variant, name="text_encoder"),
+        }
+        return cls(unet, vae, text, params, tokenizers.load_tokenizer(index["tokenizer"]),
+                   scheduler.read_scheduler_config(index["scheduler"]), dtype=dtype, attention=attention)
 
     def eps_model(self, params, z, t, context):
         """eps of the latents z_t at jaxdiff's t (the U-Net reads diffusers' t - 1); a v-prediction
@@ -107,8 +113,8 @@ def _grid(config_json: str, sampler: str, steps: int) -> tuple:
 def load(model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
          offline: bool | None = None) -> StableDiffusion:
     """``model``: a diffusers Stable Diffusion folder, or a hub id fetched when online."""
-    return StableDiffusion(folders.resolve(model, offline=offline, variant=variant), dtype=dtype, attention=attention,
-                           variant=variant)
+    return StableDiffusion.from_folder(folders.resolve(model, offline=offline, variant=variant), dtype=dtype,
+                                       attention=attention, variant=variant)
 
 
 def to_nhwc(latents) -> np.ndarray:
