@@ -64,16 +64,19 @@ def timed(call, repeats: int):
 
 def random_params(template, seed: int, dtype):
     """Normal(0, 0.02) parameters of the template's shapes, in ``dtype`` (as fp16 checkpoints are stored),
-    made on the device in one program. (flax's init would also run a forward pass per part and compile
-    every initializer: minutes for SD's 1.07 billion parameters.)"""
+    made on the device from one draw cut into pieces. (flax's init would run a forward pass per part and
+    compile every initializer; one random draw per leaf compiles for minutes at SD's size.)"""
     import jax
+    import jax.numpy as jnp
 
     leaves, tree = jax.tree.flatten(template)
+    sizes = [int(np.prod(leaf.shape)) for leaf in leaves]
+    offsets = np.cumsum([0] + sizes)
 
     @jax.jit
     def make(key):
-        return [(0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape)).astype(dtype)
-                for i, leaf in enumerate(leaves)]
+        flat = (0.02 * jax.random.normal(key, (int(offsets[-1]),), jnp.float32)).astype(dtype)
+        return [flat[a:b].reshape(leaf.shape) for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)]
 
     return jax.tree.unflatten(tree, make(jax.random.key(seed)))
 
