@@ -104,6 +104,9 @@ class Pipeline:
         # latent_size = (factor, default image size): images of any height and width that are multiples
         # of factor, sampled as latents of (height / factor, width / factor, sample_shape[-1])
         self.latent_size, self.encode, self.grid = latent_size, encode, grid
+        # the U-Net's compute dtype: its float32 parameters are cast once per call, before the sampling
+        # loop, rather than by every layer at every step (XLA left those casts in the loop)
+        self.compute_dtype = None
         if classifier is not None and not isinstance(condition, conditions.Labels):
             raise ValueError("classifier guidance needs a label pipeline")
         self._compiled = {}
@@ -123,15 +126,15 @@ class Pipeline:
                                  f"{cspec.schedule}, {cspec.image_shape} vs the U-Net's {spec.schedule}, {spec.image_shape}")
             all_params["classifier"] = cparams
             logits = lambda p, x, t: cnet.apply(p["classifier"], x, t)
-        return cls(lambda p, x, t, y: eps(p["unet"], x, t, y), all_params, spec.build_schedule(), spec.condition(),
-                   spec.sample_shape, spec=spec, classifier=logits)
+        return _cast_once(cls(lambda p, x, t, y: eps(p["unet"], x, t, y), all_params, spec.build_schedule(),
+                              spec.condition(), spec.sample_shape, spec=spec, classifier=logits), module)
 
     @classmethod
     def for_low_res(cls, spec: specs.SuperRes, module, params) -> "Pipeline":
         """A super-resolution U-Net reading [x_t, upsampled low-res image] as channels; gamma 1 by default."""
         eps = spec.eps_model(module)
-        return cls(lambda p, x, t, c: eps(p["unet"], x, t, c), {"unet": params}, spec.build_schedule(),
-                   spec.condition(), spec.sample_shape, spec=spec, default_gamma=1.0)
+        return _cast_once(cls(lambda p, x, t, c: eps(p["unet"], x, t, c), {"unet": params}, spec.build_schedule(),
+                              spec.condition(), spec.sample_shape, spec=spec, default_gamma=1.0), module)
 
     @classmethod
     def for_prompts(cls, spec: specs.LatentUNet, unet, params: dict, tokenizer, text_encoder, autoencoder) -> "Pipeline":
@@ -139,9 +142,9 @@ class Pipeline:
         ``spec.latent_scale`` and decoded. No clipping: latents are not bounded like pixels."""
         eps = spec.eps_model(unet)
         decode = lambda p, z: autoencoder.apply(p["autoencoder"], z / spec.latent_scale, method="decode")
-        return cls(lambda p, z, t, c: eps(p["unet"], z, t, c), params, spec.build_schedule(),
+        return _cast_once(cls(lambda p, z, t, c: eps(p["unet"], z, t, c), params, spec.build_schedule(),
                    conditions.Prompts(tokenizer, text_encoder), spec.sample_shape, decode=decode, spec=spec,
-                   clip_x0=None)
+                   clip_x0=None), unet)
 
     @classmethod
     def from_checkpoint(cls, directory, step: int | None = None, dtype=jnp.float32,
@@ -287,6 +290,9 @@ class Pipeline:
 
     def _generate(self, sampler, steps, eta, clip_x0, shape, grid, params, cond, uncond, gamma, key, latents, image):
         n = gamma.shape[0]
+        if self.compute_dtype is not None and "unet" in params:
+            cast = lambda a: a.astype(self.compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+            params = {**params, "unet": jax.tree.map(cast, params["unet"])}
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))  # image i: (seed, i) alone
         x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys) if latents is None \
             else latents
@@ -307,3 +313,9 @@ class Pipeline:
 
 
 _GRID_SAMPLERS = ("ddim", "dpm++")
+
+
+def _cast_once(pipe: Pipeline, module) -> Pipeline:
+    dtype = getattr(module, "dtype", jnp.float32)
+    pipe.compute_dtype = None if jnp.dtype(dtype) == jnp.float32 else dtype
+    return pipe
