@@ -226,7 +226,10 @@ def cli(out):
         if out.exists() and not out.is_dir():
             raise Failure(f"--out {out} is a file, not a folder")
         if not out.exists():
-            out.mkdir(parents=True)
+            try:
+                out.mkdir(parents=True)
+            except OSError as err:
+                raise Failure(f"cannot create --out {out}: {err.strerror or err}") from err
             created = True
         elif not _writable(out):
             raise Failure(f"--out {out} is not writable")

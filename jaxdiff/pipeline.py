@@ -212,7 +212,8 @@ class Pipeline:
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
-        ``jaxdiff.sampling.SAMPLERS``; ``steps`` (default the sampler's) and ``eta`` are checked only
+        ``jaxdiff.sampling.SAMPLERS``, or a function of one's own with the samplers' signature
+        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20); ``steps`` (default the sampler's) and ``eta`` are checked only
         where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
         latent pipeline (multiples of its latent factor). ``latents``: the starting noise x_T, (N, ...)
@@ -220,7 +221,10 @@ class Pipeline:
         ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1]: image-to-image, the image's latents
         noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
         """
-        info = sampling.get(sampler)
+        # a sampler of one's own: any function with the samplers' keyword signature (key, steps,
+        # timesteps, clip_x0), e.g. a step function run by sampling.sample_loop
+        info = sampling.get(sampler) if not callable(sampler) else sampling.SamplerInfo(
+            getattr(sampler, "__name__", "custom"), sampler, 20, stochastic=True)
         seed = check_seed(seed)
         steps = None if info.default_steps is None else sampling.check_steps(
             info.default_steps if steps is None else steps)
@@ -238,7 +242,7 @@ class Pipeline:
         gamma = check_gamma(self.default_gamma if gamma is None else gamma, n)
         clip_x0 = self.clip_x0 if clip_x0 == "auto" else clip_x0
         shape = self._shape(height, width)
-        grid = self.grid(sampler, steps) if self.grid is not None else None
+        grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else None
         start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
         if start is not None:
             grid = tuple(grid[start:])
@@ -307,8 +311,12 @@ class Pipeline:
         else:
             log_prob = guidance.log_prob_from_logits(lambda x, t: self.classifier(params, x, t))
             eps_fn = guidance.classifier_guidance(lambda x, t: model(x, t, uncond), log_prob, cond, gamma, self.schedule)
-        x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
-                          timesteps=None if grid is None else np.asarray(grid, np.int32))
+        timesteps = None if grid is None else np.asarray(grid, np.int32)
+        if callable(sampler):
+            x0 = sampler(eps_fn, self.schedule, x_T, key=run_keys, steps=steps, timesteps=timesteps, clip_x0=clip_x0)
+        else:
+            x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
+                              timesteps=timesteps)
         return x0 if self.decode is None else self.decode(params, x0)
 
 
