@@ -2,6 +2,7 @@
 back from a checkpoint as it went in."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,12 +12,18 @@ from jaxdiff import data, schedules, specs, train, trainer
 from jaxdiff.pipeline import Pipeline
 
 
+SD_PIPE = Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe"
+
+
 def every_spec():
     cosine = schedules.ScheduleSpec("cosine", 400, s=0.01, max_beta=0.99)
     return [specs.LabelUNet(num_classes=3, channels=(8, 16), attention_levels=(1,), schedule=cosine),
             specs.SuperRes(channels=(8, 16)), specs.LatentUNet(channels=(8, 16), latent_shape=(8, 8, 4), latent_scale=0.7),
             specs.NoisyClassifier(channels=(8, 16)), specs.EvalClassifier(channels=(8, 16)),
-            specs.Autoencoder(channels=(8, 8, 8)), specs.ContrastiveText(vocab=("a", "b"), width=16)]
+            specs.Autoencoder(channels=(8, 8, 8)), specs.ContrastiveText(vocab=("a", "b"), width=16),
+            *(cls.from_config(json.loads((SD_PIPE / part / "config.json").read_text()))
+              for cls, part in [(specs.StableDiffusionUNet, "unet"), (specs.StableDiffusionAutoencoder, "vae"),
+                                (specs.CLIPText, "text_encoder")])]
 
 
 @pytest.mark.parametrize("spec", every_spec(), ids=lambda s: s.kind)
