@@ -224,11 +224,14 @@ def cli(args):
     --out is a folder (one folder shared by every process of a multi-process run). Expected failures
     (bad flags or data, an unwritable, unshared or damaged --out) become one line on stderr and exit
     status 2, and an --out folder this run created is removed again if the run fails before
-    writing anything into it."""
-    out = epath.Path(args.out)
+    writing anything into it. ``args``: the parsed flags of ``parser``; or only the --out path, for
+    a program without the distributed flags, which then runs as one process."""
+    joins = hasattr(args, "out")
+    out = epath.Path(args.out if joins else args)
     created = False
     try:
-        distributed.from_args(args)
+        if joins:
+            distributed.from_args(args)
         if out.exists() and not out.is_dir():
             raise Failure(f"--out {out} is a file, not a folder")
         if not out.exists():
