@@ -137,34 +137,30 @@ def ema(out: Path):
     return load_model(out / "checkpoints", expect="label_unet")[2]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same 4-step run as two processes of two devices, and as one process of four."""
-    root = tmp_path_factory.mktemp("distributed")
-    write_split(root / "idx", "train", 64)
-    write_split(root / "idx", "test", 32)
-    args = [*TINY, "--steps", "4", "--data-dir", root / "idx"]
-    two = two_processes(root / "logs", "two", [*args, "--out", root / "two"])
-    one = Launch(root / "logs", "one", [[*args, "--out", root / "one"]], devices=4)
-    return root, args, two, one
-
-
-def test_two_processes_compute_what_one_process_on_four_devices_computes(runs):
-    root, _, two, one = runs
+def test_two_processes_train_as_one_process_write_as_one_and_resume_exactly(tmp_path):
+    """One test, not three sharing a fixture: under pytest-xdist a module fixture would run once per
+    worker, and these launches are most of the module's time."""
+    write_split(tmp_path / "idx", "train", 64)
+    write_split(tmp_path / "idx", "test", 32)
+    args = [*TINY, "--steps", "4", "--data-dir", tmp_path / "idx"]
+    two = two_processes(tmp_path / "logs", "two", [*args, "--out", tmp_path / "two"])
     assert two.codes == [0, 0] and not two.timed_out, two.report()
+    one = Launch(tmp_path / "logs", "one", [[*args, "--out", tmp_path / "one"]], devices=4)
     assert one.codes == [0], one.report()
+    same_numbers_as_one_process(tmp_path / "two", tmp_path / "one", two)
+    only_process_0_writes(tmp_path / "two", two)
+    resumes_exactly(tmp_path, args)
+
+
+def same_numbers_as_one_process(two_out, one_out, two):
     assert "4 x cpu" in two.stderr[0] and "batch 8 over 4 devices" in two.stderr[0]  # one data axis over both
-    a, b = losses(root / "two"), losses(root / "one")
+    a, b = losses(two_out), losses(one_out)
     np.testing.assert_array_equal(a[:, 0], [1, 2, 3, 4])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), ema(root / "two"),
-                 ema(root / "one"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), ema(two_out), ema(one_out))
 
 
-def test_only_process_0_writes_logs_and_pictures_and_prints(runs):
-    root, _, two, _ = runs
-    assert two.codes == [0, 0], two.report()
-    out = root / "two"
+def only_process_0_writes(out, two):
     for name in ["loss.csv", *PICTURES]:
         assert (out / name).stat().st_size > 0, name
         assert str(out / name) in two.writes[0], name  # the audit sees process 0's writes
@@ -184,9 +180,7 @@ def test_only_process_0_writes_logs_and_pictures_and_prints(runs):
     assert not [p.name for p in out.rglob("*") if "tmp" in p.name or p.name.startswith(".jaxdiff")]
 
 
-def test_a_resumed_two_process_run_equals_the_uninterrupted_one(runs):
-    root, args, two, _ = runs
-    assert two.codes == [0, 0], two.report()
+def resumes_exactly(root, args):
     # the uninterrupted run as if killed after its step-2 checkpoint: what a resume finds
     out = root / "resumed"
     shutil.copytree(root / "two", out)
