@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import sys
 
@@ -286,7 +287,7 @@ def plot_loss(csv_path, png_path, title: str):
     """The training loss against the step, log scale, with a running mean (matplotlib; skipped with a
     note when it is not installed: pip install 'jaxdiff[experiments]')."""
     plt = pyplot()
-    rows = np.loadtxt(str(csv_path), delimiter=",", skiprows=1, ndmin=2)
+    rows = read_csv(csv_path)
     if plt is None or len(rows) == 0:
         return
     steps, losses = rows[:, 0], rows[:, 1]
@@ -334,6 +335,10 @@ def speed(result: trainer.TrainResult) -> str:
     return f"{rate:,.0f} img/s after compile" if rate == rate else "a single dispatch, compile included"
 
 
+def read_csv(path) -> np.ndarray:
+    """A numeric CSV with a header row, read through epath (so from a gs:// bucket too)."""
+    return np.loadtxt(io.StringIO(epath.Path(path).read_text()), delimiter=",", skiprows=1, ndmin=2)
+
+
 def final_loss(out) -> float:
-    rows = np.loadtxt(str(epath.Path(out) / "loss.csv"), delimiter=",", skiprows=1, ndmin=2)
-    return float(rows[-50:, 1].mean())
+    return float(read_csv(epath.Path(out) / "loss.csv")[-50:, 1].mean())

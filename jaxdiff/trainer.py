@@ -142,17 +142,18 @@ class Progress:
 
 
 class LossLog:
-    """``step,loss`` rows in a CSV; a resumed run first drops the rows past its checkpoint."""
+    """``step,loss`` rows in a CSV; a resumed run first drops the rows past its checkpoint. The file is
+    rewritten whole (and atomically) for each new batch of rows: a bucket (gs://) cannot append."""
 
     def __init__(self, path, resume_step: int = 0):
         self.path = epath.Path(path)
         rows = self.path.read_text().splitlines() if resume_step and self.path.exists() else []
-        kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step]
-        self._write(["step,loss", *kept])
+        self.rows = ["step,loss", *(r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step)]
+        self._write(self.rows)
 
     def append(self, first_step: int, losses) -> None:
-        with self.path.open("a") as f:
-            f.writelines(f"{first_step + i},{float(v):.6f}\n" for i, v in enumerate(losses))
+        self.rows += [f"{first_step + i},{float(v):.6f}" for i, v in enumerate(losses)]
+        self._write(self.rows)
 
     def _write(self, rows) -> None:
         tmp = self.path.parent / (self.path.name + ".tmp")
