@@ -108,6 +108,8 @@ class JaxBench:
 
         @jax.jit
         def generate(params, labels, key):
+            # as the pipeline does: the parameters cast to the compute dtype once, outside the loop
+            params = jax.tree.map(lambda a: a.astype(self.dtype), params)
             eps = guidance.cfg(lambda x, t, y: model.apply(params, x, t, y), labels, 10, 3.0)
             k1, k2 = jax.random.split(key)
             return sampling.ddpm(eps, self.sched, jax.random.normal(k1, (labels.shape[0], 28, 28, 1)), key=k2)

@@ -236,8 +236,11 @@ def cli(args):
         if out.exists() and not out.is_dir():
             raise Failure(f"--out {out} is a file, not a folder")
         if not out.exists():
-            created = True  # by this process or, at the same moment, by another of the run
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)  # another process of the run may make it at once
+            except OSError as err:
+                raise Failure(f"cannot create --out {out}: {err.strerror or err}") from err
+            created = True
         elif not _writable(out):
             raise Failure(f"--out {out} is not writable")
         distributed.check_shared_folder(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 
@@ -133,7 +134,8 @@ class Checkpoints:
     """
 
     def __init__(self, directory, max_to_keep: int = 3, create: bool = False):
-        self.directory = epath.Path(directory)
+        # orbax wants absolute paths; a URI (gs://...) is absolute already
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         if not create and not self.directory.exists():
             raise CheckpointError(f"no checkpoint folder {self.directory}")
         if self.directory.exists() and not self.directory.is_dir():

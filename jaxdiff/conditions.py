@@ -86,6 +86,30 @@ class Prompts:
         return self.text_encoder.apply(params["text"], ids, mask)[0], mask
 
 
+class TextTokens:
+    """Text prompts for a pretrained text encoder (Stable Diffusion's CLIP): tokenized on the host
+    (ids padded to the encoder's length), encoded inside the jit to per-token states. The null
+    condition is the empty prompt. No padding mask, as Stable Diffusion: its U-Net attends to
+    every position. ``params["text"]`` holds the encoder's parameters."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    def host(self, prompts, role: str = "prompts") -> np.ndarray:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"{role} must be a string or a non-empty list of strings, got {prompts!r}")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{role} must be strings, got {[type(p).__name__ for p in prompts]}")
+        return self.tokenizer(list(prompts))[0]
+
+    def null(self, n: int) -> np.ndarray:
+        return self.tokenizer([""] * n)[0]
+
+    def network(self, params, ids):
+        return self.text_encoder.apply(params["text"], ids).last_hidden_state
+
+
 class LowRes:
     """Low-resolution uint8 images (B, low, low, C), upsampled bilinearly to the output size
     for the U-Net to read beside x_t. The null condition is an all-zero (mid-grey) image."""

@@ -26,6 +26,7 @@ from etils import epath
 from jaxdiff import conditions, guidance, sampling, specs
 from jaxdiff.checkpoint import CheckpointError, Checkpoints
 from jaxdiff.data import to_uint8
+from jaxdiff.schedules import add_noise
 
 TEXT_STAGES = ("autoencoder", "clip", "ldm")  # the sub-folders of a text-to-image run
 
@@ -95,10 +96,17 @@ class Pipeline:
     """
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
-                 classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0):
+                 classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
+                 encode=None, grid=None):
         self.eps_model, self.params, self.schedule, self.condition = eps_model, params, schedule, condition
         self.sample_shape, self.decode, self.spec = tuple(sample_shape), decode, spec
         self.classifier, self.default_gamma, self.clip_x0 = classifier, default_gamma, clip_x0
+        # latent_size = (factor, default image size): images of any height and width that are multiples
+        # of factor, sampled as latents of (height / factor, width / factor, sample_shape[-1])
+        self.latent_size, self.encode, self.grid = latent_size, encode, grid
+        # the U-Net's compute dtype: its float32 parameters are cast once per call, before the sampling
+        # loop, rather than by every layer at every step (XLA left those casts in the loop)
+        self.compute_dtype = None
         if classifier is not None and not isinstance(condition, conditions.Labels):
             raise ValueError("classifier guidance needs a label pipeline")
         self._compiled = {}
@@ -118,15 +126,15 @@ class Pipeline:
                                  f"{cspec.schedule}, {cspec.image_shape} vs the U-Net's {spec.schedule}, {spec.image_shape}")
             all_params["classifier"] = cparams
             logits = lambda p, x, t: cnet.apply(p["classifier"], x, t)
-        return cls(lambda p, x, t, y: eps(p["unet"], x, t, y), all_params, spec.build_schedule(), spec.condition(),
-                   spec.sample_shape, spec=spec, classifier=logits)
+        return _cast_once(cls(lambda p, x, t, y: eps(p["unet"], x, t, y), all_params, spec.build_schedule(),
+                              spec.condition(), spec.sample_shape, spec=spec, classifier=logits), module)
 
     @classmethod
     def for_low_res(cls, spec: specs.SuperRes, module, params) -> "Pipeline":
         """A super-resolution U-Net reading [x_t, upsampled low-res image] as channels; gamma 1 by default."""
         eps = spec.eps_model(module)
-        return cls(lambda p, x, t, c: eps(p["unet"], x, t, c), {"unet": params}, spec.build_schedule(),
-                   spec.condition(), spec.sample_shape, spec=spec, default_gamma=1.0)
+        return _cast_once(cls(lambda p, x, t, c: eps(p["unet"], x, t, c), {"unet": params}, spec.build_schedule(),
+                              spec.condition(), spec.sample_shape, spec=spec, default_gamma=1.0), module)
 
     @classmethod
     def for_prompts(cls, spec: specs.LatentUNet, unet, params: dict, tokenizer, text_encoder, autoencoder) -> "Pipeline":
@@ -134,9 +142,9 @@ class Pipeline:
         ``spec.latent_scale`` and decoded. No clipping: latents are not bounded like pixels."""
         eps = spec.eps_model(unet)
         decode = lambda p, z: autoencoder.apply(p["autoencoder"], z / spec.latent_scale, method="decode")
-        return cls(lambda p, z, t, c: eps(p["unet"], z, t, c), params, spec.build_schedule(),
+        return _cast_once(cls(lambda p, z, t, c: eps(p["unet"], z, t, c), params, spec.build_schedule(),
                    conditions.Prompts(tokenizer, text_encoder), spec.sample_shape, decode=decode, spec=spec,
-                   clip_x0=None)
+                   clip_x0=None), unet)
 
     @classmethod
     def from_checkpoint(cls, directory, step: int | None = None, dtype=jnp.float32,
@@ -161,6 +169,29 @@ class Pipeline:
         return cls.for_labels(spec, module, params, classifier)
 
     @classmethod
+    def from_pretrained(cls, model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
+                        offline: bool | None = None) -> "Pipeline":
+        """Stable Diffusion (1.x, 2.x) from a diffusers folder, or a hub id when online::
+
+            pipe = Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16, attention="cudnn")
+            images = pipe(["a red bicycle"], negative="blurry", gamma=7.5, sampler="dpm++", steps=25, seed=0)
+
+        ``dtype`` is the compute dtype (parameters stay as stored); ``attention`` "cudnn" takes the fused
+        GPU kernel. Samplers "ddim" and "dpm++" walk the timesteps diffusers' DDIMScheduler and
+        DPMSolverMultistepScheduler would, from the checkpoint's scheduler config."""
+        from jaxdiff.pretrained import stable_diffusion
+
+        return cls.for_stable_diffusion(stable_diffusion.load(model, dtype=dtype, attention=attention, variant=variant,
+                                                              offline=offline))
+
+    @classmethod
+    def for_stable_diffusion(cls, sd) -> "Pipeline":
+        """From loaded parts (``jaxdiff.pretrained.stable_diffusion.StableDiffusion``)."""
+        return cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
+                   decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
+                   latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid)
+
+    @classmethod
     def _text_from_run(cls, root: epath.Path, dtype) -> "Pipeline":
         loaded = {s: load_model(checkpoint_folder(root / s), expect=k, dtype=dtype)
                   for s, k in zip(TEXT_STAGES, ("autoencoder", "contrastive_text", "latent_unet"))}
@@ -170,22 +201,30 @@ class Pipeline:
         params = {"unet": unet_params, "text": clip_params["text"], "autoencoder": ae_params}
         return cls.for_prompts(spec, unet, params, clip_spec.tokenizer(), text, ae)
 
-    def __call__(self, condition, negative=None, *, gamma=None, sampler: str = "dpm++", steps: int | None = None,
-                 seed: int = 0, eta: float | None = None, clip_x0="auto") -> np.ndarray:
-        """uint8 images, one per entry of ``condition``."""
-        return to_uint8(self.sample(condition, negative, gamma=gamma, sampler=sampler, steps=steps, seed=seed,
-                                    eta=eta, clip_x0=clip_x0))
+    def __call__(self, condition, negative=None, **kwargs) -> np.ndarray:
+        """uint8 images, one per entry of ``condition``; the settings are ``sample``'s."""
+        return to_uint8(self.sample(condition, negative, **kwargs))
 
     def sample(self, condition, negative=None, *, gamma=None, sampler: str = "dpm++", steps: int | None = None,
-               seed: int = 0, eta: float | None = None, clip_x0="auto") -> jax.Array:
+               seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
+               width: int | None = None, latents=None, image=None, strength: float = 0.8) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
 
-        ``gamma``: a scale or one per entry (default: the pipeline's, 3 for labels and prompts, 1 for
-        low-resolution images). ``sampler``: a name in ``jaxdiff.sampling.SAMPLERS``; ``steps`` (default
-        the sampler's) and ``eta`` are checked only where the sampler uses them. ``clip_x0``: clip the
-        predicted x0 to [-c, c] at each step; "auto" clips at 1 in pixel space, not in latent space.
+        ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
+        7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
+        ``jaxdiff.sampling.SAMPLERS``, or a function of one's own with the samplers' signature
+        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20); ``steps`` (default the sampler's) and ``eta`` are checked only
+        where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
+        clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
+        latent pipeline (multiples of its latent factor). ``latents``: the starting noise x_T, (N, ...)
+        as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
+        ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1]: image-to-image, the image's latents
+        noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
         """
-        info = sampling.get(sampler)
+        # a sampler of one's own: any function with the samplers' keyword signature (key, steps,
+        # timesteps, clip_x0), e.g. a step function run by sampling.sample_loop
+        info = sampling.get(sampler) if not callable(sampler) else sampling.SamplerInfo(
+            getattr(sampler, "__name__", "custom"), sampler, 20, stochastic=True)
         seed = check_seed(seed)
         steps = None if info.default_steps is None else sampling.check_steps(
             info.default_steps if steps is None else steps)
@@ -202,16 +241,69 @@ class Pipeline:
             uncond = conditions.broadcast(self.condition.host(negative, role="negative"), n, "negative")
         gamma = check_gamma(self.default_gamma if gamma is None else gamma, n)
         clip_x0 = self.clip_x0 if clip_x0 == "auto" else clip_x0
-        sig = (sampler, steps, eta, clip_x0)
+        shape = self._shape(height, width)
+        grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else None
+        start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
+        if start is not None:
+            grid = tuple(grid[start:])
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (n, *shape):
+                raise ValueError(f"latents must have shape {(n, *shape)} (one per image), got {latents.shape}")
+        sig = (sampler, steps, eta, clip_x0, shape, grid)
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
-        return self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed))
+        return self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed), latents, image)
 
-    def _generate(self, sampler, steps, eta, clip_x0, params, cond, uncond, gamma, key):
+    def _shape(self, height, width) -> tuple:
+        if self.latent_size is None:
+            if height is not None or width is not None:
+                raise ValueError("height and width are for latent pipelines (Stable Diffusion); this one makes "
+                                 f"{self.sample_shape} samples")
+            return self.sample_shape
+        factor, default = self.latent_size
+        size = []
+        for name, v in (("height", height), ("width", width)):
+            v = default if v is None else v
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < factor or v % factor:
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {v!r}")
+            size.append(int(v) // factor)
+        return (*size, self.sample_shape[-1])
+
+    def _check_image(self, image, strength, n, shape, sampler, steps, grid):
+        """(grid index to start from, the image as floats in [-1, 1]) for image-to-image, else (None, None)."""
+        if image is None:
+            return None, None
+        if self.encode is None:
+            raise ValueError("image-to-image needs a latent pipeline with an encoder (Stable Diffusion)")
+        if grid is None:
+            raise ValueError(f"image-to-image takes a sampler with a timestep grid ({', '.join(_GRID_SAMPLERS)}), "
+                             f"got {sampler!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        arr = np.asarray(image)
+        arr = arr[None] if arr.ndim == 3 else arr
+        factor = self.latent_size[0]
+        want = (n, shape[0] * factor, shape[1] * factor, 3)
+        if arr.dtype != np.uint8 or arr.shape not in (want, (1, *want[1:])):
+            raise ValueError(f"image must be uint8 of shape {want[1:]} or {want}, got {arr.dtype} {arr.shape}")
+        start = steps - int(steps * strength)
+        if start >= steps:
+            raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps")
+        return start, np.broadcast_to(arr, want).astype(np.float32) / 127.5 - 1.0
+
+    def _generate(self, sampler, steps, eta, clip_x0, shape, grid, params, cond, uncond, gamma, key, latents, image):
         n = gamma.shape[0]
+        if self.compute_dtype is not None and "unet" in params:
+            cast = lambda a: a.astype(self.compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+            params = {**params, "unet": jax.tree.map(cast, params["unet"])}
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))  # image i: (seed, i) alone
-        x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), self.sample_shape))(keys)
+        x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys) if latents is None \
+            else latents
         run_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+        if image is not None:  # image-to-image: the image's latents, noised to the first step of the grid
+            z0 = self.encode(params, image, jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
+            x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
         model = lambda x, t, c: self.eps_model(params, x, t, c)
         if self.classifier is None:
@@ -219,5 +311,19 @@ class Pipeline:
         else:
             log_prob = guidance.log_prob_from_logits(lambda x, t: self.classifier(params, x, t))
             eps_fn = guidance.classifier_guidance(lambda x, t: model(x, t, uncond), log_prob, cond, gamma, self.schedule)
-        x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0)
+        timesteps = None if grid is None else np.asarray(grid, np.int32)
+        if callable(sampler):
+            x0 = sampler(eps_fn, self.schedule, x_T, key=run_keys, steps=steps, timesteps=timesteps, clip_x0=clip_x0)
+        else:
+            x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
+                              timesteps=timesteps)
         return x0 if self.decode is None else self.decode(params, x0)
+
+
+_GRID_SAMPLERS = ("ddim", "dpm++")
+
+
+def _cast_once(pipe: Pipeline, module) -> Pipeline:
+    dtype = getattr(module, "dtype", jnp.float32)
+    pipe.compute_dtype = None if jnp.dtype(dtype) == jnp.float32 else dtype
+    return pipe

@@ -301,6 +301,101 @@ class ContrastiveText(Spec):
         return Tokenizer(self.vocab, self.max_len)
 
 
+def _freeze(v):
+    """JSON values -> hashable ones (lists -> tuples, dicts -> sorted item tuples), so a spec stays frozen."""
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _thaw(v):
+    if isinstance(v, tuple) and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in v) and v:
+        return {k: _thaw(x) for k, x in v}
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained(Spec):
+    """A pretrained component described by its own config.json (as diffusers or transformers write
+    it), held whole: the config is the spec. Keys starting with "_" (bookkeeping) are left out."""
+
+    config: tuple = ()
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(_freeze({k: v for k, v in config.items() if not k.startswith("_")}))
+
+    def config_dict(self) -> dict:
+        return _thaw(self.config) if self.config else {}
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "config": self.config_dict()}
+
+    @classmethod
+    def _from_fields(cls, d: dict):
+        if set(d) - {"kind", "config"} or not isinstance(d.get("config"), dict):
+            raise ValueError(f"{cls.kind} spec: expected {{'kind', 'config': {{...}}}}, got keys {sorted(d)}")
+        return cls.from_config(d["config"])
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class StableDiffusionUNet(Pretrained):
+    """diffusers' UNet2DConditionModel: eps (or v) of latents, t, and text tokens by cross-attention."""
+
+    kind: ClassVar[str] = "sd_unet"
+
+    def module(self, dtype=jnp.float32, attention: str | None = None):
+        from jaxdiff.pretrained.configs import unet_from_config
+
+        return unet_from_config(self.config_dict(), dtype, attention)
+
+    def init_inputs(self):
+        c = self.config_dict()
+        cross = c.get("cross_attention_dim", 1280)
+        cross = cross[0] if isinstance(cross, list) else cross
+        y = None if c.get("num_class_embeds") is None else jnp.zeros((1,), jnp.int32)
+        return _x((8, 8, c.get("in_channels", 4))), _T, y, jnp.zeros((1, 1, cross), jnp.float32)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class StableDiffusionAutoencoder(Pretrained):
+    """diffusers' AutoencoderKL: images <-> latents (scaled by the config's scaling_factor)."""
+
+    kind: ClassVar[str] = "sd_autoencoder"
+
+    def module(self, dtype=jnp.float32, attention: str | None = None):
+        from jaxdiff.pretrained.configs import autoencoder_from_config
+
+        return autoencoder_from_config(self.config_dict(), dtype, attention)
+
+    def init_inputs(self):
+        c = self.config_dict()
+        size = 2 ** len(c.get("block_out_channels", (64,)))
+        return (_x((size, size, c.get("in_channels", 3))),)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class CLIPText(Pretrained):
+    """transformers' CLIPTextModel: token ids -> per-token states for cross-attention."""
+
+    kind: ClassVar[str] = "clip_text"
+
+    def module(self, dtype=jnp.float32, attention: str | None = None):
+        from jaxdiff.pretrained.configs import clip_text_from_config
+
+        return clip_text_from_config(self.config_dict(), dtype, attention)
+
+    def init_inputs(self):
+        return (jnp.zeros((1, self.config_dict().get("max_position_embeddings", 77)), jnp.int32),)
+
+
 def from_dict(d: Any) -> Spec:
     """The spec a ``to_dict()`` made, checked: its kind, its settings."""
     if not isinstance(d, dict) or d.get("kind") not in REGISTRY:

@@ -255,15 +255,33 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.array(sorted(devices, key=lambda d: (d.process_index, d.id))), (DATA_AXIS,))
 
 
-def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh):
+def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh, host_loop: bool | None = None):
     """The pmap-style data-parallel multi-step, as shard_map over a 1-D mesh, under jit.
 
     Takes ``(state, batches)`` with batches shaped (steps, global_batch, ...), the global batch
     split over the devices; the state is replicated. Returns ``(state, metrics)``.
+
+    On accelerators the steps are one ``lax.scan``. With ``host_loop`` (default: on a CPU) they are
+    separate calls of one compiled step: XLA:CPU ran a training step ~20x slower inside a loop
+    (jax 0.10.2, the textbook U-Net 16/32/64 at batch 32: 2.7 s a step in a scan, 0.12 s alone).
     """
     step = make_train_step(loss_fn, tx, ema_decay, axis_name=DATA_AXIS)
-    sharded = jax.shard_map(scan_steps(step), mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+    if host_loop is None:
+        host_loop = jax.default_backend() == "cpu"
+    if not host_loop:
+        sharded = jax.shard_map(scan_steps(step), mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
+        return jax.jit(sharded, donate_argnums=0)
+    one = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P())),
+                  donate_argnums=0)
+
+    def steps(state, batches):
+        metrics = []
+        for i in range(jax.tree.leaves(batches)[0].shape[0]):
+            state, m = one(state, jax.tree.map(lambda a: a[i], batches))
+            metrics.append(m)
+        return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
+
+    return steps
 
 
 def shard_batches(batches, mesh: Mesh):

@@ -24,3 +24,16 @@ def test_speed_benchmark_tiny_on_four_simulated_devices(tmp_path):
         assert f"| {k} | {8 * k} |" in table, table
     assert "| 100.0% |" in table.split("| 1 | 8 |")[1].splitlines()[0]
     assert "jaxdiff train batch 8:" in res.stderr  # each measurement logged as it lands
+
+
+def test_stable_diffusion_benchmark_tiny(tmp_path):
+    """The SD benchmark on the tiny test pipeline, jaxdiff alone (CI has no torch): its table renders."""
+    out = tmp_path / "sd.md"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.sd_speed", "--tiny", "--impls", "jaxdiff", "--batches", "1,2",
+                          "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = out.read_text()
+    assert "| implementation | batch | s per call | images/s |" in table
+    assert "| jaxdiff | 1 |" in table and "| jaxdiff | 2 |" in table and "1.00x" in table

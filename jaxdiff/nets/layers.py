@@ -55,8 +55,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     ``mask`` is boolean, True where a query may attend to a key, broadcastable to (B, H, Lq, Lk).
     Every attention in jaxdiff's networks comes through here, so ``implementation="cudnn"`` (the fused
     GPU kernel) is one switch; None lets JAX choose (XLA). Logits and softmax are float32 for bf16/fp16
-    inputs (which is what diffusers' ``upcast_attention`` asks for)."""
+    inputs (which is what diffusers' ``upcast_attention`` asks for). Where the fused kernel does not
+    apply (float32, a head width it does not take, a mask), "cudnn" quietly means XLA, so one setting
+    serves a whole network whose levels differ."""
+    if implementation == "cudnn" and not cudnn_attention_fits(q, mask):
+        implementation = None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def cudnn_attention_fits(q, mask=None) -> bool:
+    """cuDNN's fused attention takes bf16/fp16 heads whose width is a multiple of 8, at most 128 (256 on
+    Hopper and later), and here no mask (the text encoder's causal mask stays on XLA: it is small)."""
+    if mask is not None or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
+        return False
+    try:
+        major = int(str(jax.devices()[0].compute_capability).split(".")[0])
+    except (AttributeError, ValueError):
+        major = 0
+    return q.shape[-1] <= (256 if major >= 9 else 128)
 
 
 def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:

@@ -30,6 +30,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.checkpoint import CheckpointError  # one error class for unreadable checkpoints, ours or diffusers'
 from jaxdiff.pretrained.keys import flax_path, to_flax, to_torch, torch_key
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' name, then transformers'
@@ -37,10 +38,6 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 MAX_PROBLEM_LINES = 25
 # old autoencoder attention names -> the current ones (flax module names)
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that jaxdiff cannot read into the model it was given."""
 
 
 class CheckpointNotFound(CheckpointError):

@@ -1,0 +1,252 @@
+"""Stable Diffusion speed, jaxdiff beside diffusers, on one GPU in one run.
+
+    python -m benchmarks.sd_speed --out docs/sd_speed.md          # GPU: SD-1.5 at 512x512, batch 1 and 8
+    python -m benchmarks.sd_speed --tiny                          # CPU smoke run (CI)
+
+The SD-1.5 architecture (U-Net 859,520,964 parameters, autoencoder 83,653,863, text encoder 123,060,480)
+with random weights: speed does not depend on their values. One call = prompts tokenized, encoded, 50
+steps of DPM-Solver++ with classifier-free guidance (the guidance pair as one batch), latents decoded,
+uint8 images on the host. jaxdiff: bf16 weights and compute, cuDNN fused attention where it applies, the
+whole call one compiled program. diffusers' StableDiffusionPipeline in float16: eager with PyTorch's
+SDPA attention, and with its U-Net channels-last and torch.compile(mode="reduce-overhead",
+fullgraph=True). Each implementation runs in its own process (its own allocator and peak memory);
+reported: seconds per call (median of --repeats after the first), images/s, the first call (compile
+included) and peak GPU memory. Ratios are images/s of jaxdiff over each, from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+TOKENIZER = os.path.join(FIXTURES, "sd_tokenizer", "sd1")  # a small CLIP-format vocabulary: ids < 1000
+SD15_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                      trained_betas=None, clip_sample=False)
+IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+
+def configs(tiny: bool) -> dict:
+    """config.json of each part: SD-1.5's, or the tiny test pipeline's."""
+    if tiny:
+        folder = os.path.join(FIXTURES, "sd_tiny_sd1pipe")
+        read = lambda part: json.load(open(os.path.join(folder, part, "config.json")))
+        return {"unet": read("unet"), "vae": read("vae"), "text_encoder": read("text_encoder")}
+    real = json.load(open(os.path.join(FIXTURES, "sd_real_configs.json")))["sd15"]
+    return {k: real[k] for k in ("unet", "vae", "text_encoder")}
+
+
+def timed(call, repeats: int):
+    """(first call's seconds, median seconds of ``repeats`` more); ``call`` must block until done."""
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times))
+
+
+# ----------------------------------------------------------------------------- jaxdiff
+
+
+def random_params(template, seed: int, dtype):
+    """Normal(0, 0.02) parameters of the template's shapes, in ``dtype`` (as fp16 checkpoints are stored),
+    drawn on the host with NumPy. (flax's init would run a forward pass per part and compile every
+    initializer; JAX random draws for 1.07 billion parameters compiled for a minute and a half.)"""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    draw = lambda leaf: jnp.asarray((0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(dtype))
+    return jax.tree.map(draw, template)
+
+
+def run_jaxdiff(args, attention) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import specs
+    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.pretrained.stable_diffusion import StableDiffusion
+    from jaxdiff.pretrained.tokenizer import load_tokenizer
+
+    cfg = configs(args.tiny)
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    parts = {"unet": specs.StableDiffusionUNet.from_config(cfg["unet"]),
+             "vae": specs.StableDiffusionAutoencoder.from_config(cfg["vae"]),
+             "text": specs.CLIPText.from_config(cfg["text_encoder"])}
+    t0 = time.perf_counter()
+    params = {k: random_params(s.template(), i, dtype) for i, (k, s) in enumerate(parts.items())}
+    jax.block_until_ready(params)
+    made = time.perf_counter() - t0
+    sd = StableDiffusion(parts["unet"], parts["vae"], parts["text"], params, load_tokenizer(TOKENIZER),
+                         dict(SD15_SCHEDULER), dtype=dtype, attention=attention)
+    pipe = Pipeline.for_stable_diffusion(sd)
+    rows = []
+    for b in args.batches:
+        call = lambda: np.asarray(pipe([PROMPT] * b, gamma=7.5, sampler="dpm++", steps=args.steps, seed=0,
+                                       height=args.size, width=args.size))
+        first, sec = timed(call, args.repeats)
+        stats = jax.devices()[0].memory_stats() or {}
+        rows.append(dict(batch=b, first=first, seconds=sec, peak=stats.get("peak_bytes_in_use", float("nan"))))
+        if b == args.batches[0]:
+            log(f"parameters made in {made:.1f}s")
+        log(f"{'jaxdiff' if attention else 'jaxdiff-xla-attention'} batch {b}: {sec:.3f}s per call, first {first:.1f}s")
+    return rows
+
+
+# ----------------------------------------------------------------------------- diffusers
+
+
+def run_diffusers(args, compiled: bool) -> list[dict]:
+    import torch
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = configs(args.tiny)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    clean = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
+    with torch.device(dev):  # random initialisation on the device: seconds, not a minute on the host
+        unet = UNet2DConditionModel(**clean(cfg["unet"]))
+        vae = AutoencoderKL(**clean(cfg["vae"]))
+        text = CLIPTextModel(CLIPTextConfig(**clean(cfg["text_encoder"])))
+    sched = DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER),
+                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).to(dev, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if compiled:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+    rows = []
+    for b in args.batches:
+        def call():
+            with torch.no_grad():
+                out = pipe([PROMPT] * b, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size,
+                           width=args.size, output_type="np").images
+            (out * 255).round().astype(np.uint8)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        first, sec = timed(call, args.repeats)
+        peak = torch.cuda.max_memory_allocated() if dev == "cuda" else float("nan")
+        rows.append(dict(batch=b, first=first, seconds=sec, peak=peak))
+        log(f"diffusers-{'compiled' if compiled else 'eager'} batch {b}: {sec:.3f}s per call, first {first:.1f}s")
+    return rows
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def log(msg: str) -> None:
+    print(f"[sd_speed] {msg}", file=sys.stderr, flush=True)
+
+
+def worker(args) -> None:
+    impl = args.worker
+    if impl.startswith("jaxdiff"):
+        rows = run_jaxdiff(args, None if impl == "jaxdiff-xla-attention" else "cudnn")
+    else:
+        rows = run_diffusers(args, compiled=impl == "diffusers-compiled")
+    with open(args.json, "w") as f:
+        json.dump({"impl": impl, "rows": rows, "device": device_name(impl)}, f)
+
+
+def device_name(impl: str) -> str:
+    if impl.startswith("jaxdiff"):
+        import jax
+
+        return f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
+    import torch
+
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    import diffusers
+
+    return f"{name}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+
+
+def table(results: dict, args) -> str:
+    arch = "the tiny test pipeline (a CPU smoke run)" if args.tiny else "Stable Diffusion 1.5 architecture"
+    lines = [f"{arch}, random weights, {args.size}x{args.size}, {args.steps} steps of "
+             f"DPM-Solver++ with classifier-free guidance (gamma 7.5), text encoding and decoding included; "
+             f"median of {args.repeats} calls after the first. {platform.node() or 'host'}, "
+             f"{time.strftime('%Y-%m-%d')}.", ""]
+    for impl, res in results.items():
+        lines.append(f"- {impl}: {res.get('device', res.get('error', ''))}")
+    lines += ["", "| implementation | batch | s per call | images/s | s per image | first call s | peak GPU GiB | "
+                  "jaxdiff images/s / this |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ours = {r["batch"]: r for r in results.get("jaxdiff", {}).get("rows", [])}
+    for impl, res in results.items():
+        for r in res.get("rows", []):
+            rate = r["batch"] / r["seconds"]
+            mine = ours.get(r["batch"])
+            ratio = f"{(mine['batch'] / mine['seconds']) / rate:.2f}x" if mine else "-"
+            lines.append(f"| {impl} | {r['batch']} | {r['seconds']:.3f} | {rate:.2f} | {r['seconds'] / r['batch']:.3f} | "
+                         f"{r['first']:.1f} | {r['peak'] / 2**30:.2f} | {ratio} |")
+        if "error" in res:
+            lines.append(f"| {impl} | - | failed: {res['error']} | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impls", default="jaxdiff,diffusers-eager,diffusers-compiled",
+                   help=f"comma-separated, from {', '.join(IMPLS)}")
+    p.add_argument("--batches", default="1,8", type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="the tiny test pipeline on the CPU: a smoke run")
+    p.add_argument("--out", default=None, help="write the table here (markdown)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.size, args.steps = 32, min(args.steps, 3)
+    if args.worker:
+        return worker(args)
+    results = {}
+    for impl in args.impls.split(","):
+        if impl not in IMPLS:
+            raise SystemExit(f"--impls: unknown {impl!r}; expected some of {IMPLS}")
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sd_speed_{os.getpid()}_{impl}.json")
+        cmd = [sys.executable, "-m", "benchmarks.sd_speed", "--worker", impl, "--json", path,
+               "--batches", ",".join(map(str, args.batches)), "--steps", str(args.steps), "--size", str(args.size),
+               "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else [])
+        log(f"{impl} ...")
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout, stdout=sys.stderr)  # its log on our stderr
+            if done.returncode:
+                results[impl] = {"error": f"exit status {done.returncode} (its log is above)"}
+            else:
+                with open(path) as f:
+                    results[impl] = json.load(f)
+        except subprocess.TimeoutExpired:
+            results[impl] = {"error": f"no result within {args.timeout}s"}
+        text = table(results, args)
+        if args.out:  # after every implementation, so a cut-short run keeps what it measured
+            with open(args.out, "w") as f:
+                f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Section 10.5.2: a pretrained Stable Diffusion (1.x or 2.x, diffusers folder or hub id) from prompts to
+PNGs, in pure JAX: text encoding, the whole sampling loop and decoding in one compiled program.
+
+    python -m experiments.sd_text2img --model path/to/stable-diffusion-v1-5 --prompt "a red bicycle" \\
+        --negative "blurry" --out runs/sd
+
+Writes <out>/<index>.png per image and grid.png (rows = prompts, columns = --per-prompt images), and prints
+the first call's time (compile included) and the time per image after it. With --image (a PNG or JPEG) and
+--strength, image-to-image. On a GPU the default compute is bfloat16 with cuDNN's fused attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from experiments import common
+from experiments.png import grid, write_png
+from jaxdiff import sampling
+from jaxdiff.pipeline import Pipeline
+
+
+def read_image(path) -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> uint8 (H, W, 3), through Pillow (matplotlib's own dependency,
+    in the 'experiments' extra)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("--image needs Pillow: pip install 'jaxdiff[experiments]'") from None
+    try:
+        with epath.Path(path).open("rb") as f:
+            return np.asarray(Image.open(f).convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--image {path}: cannot be read as an image ({err})") from None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder, or a hub id (online)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--negative", default=None, help="what to steer away from (default: the empty prompt)")
+    p.add_argument("--per-prompt", type=common.positive_int, default=1, help="images per prompt")
+    p.add_argument("--gamma", type=common.finite_float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", choices=tuple(sampling.SAMPLERS), default="dpm++")
+    p.add_argument("--steps", type=common.positive_int, default=25, help="sampler steps")
+    p.add_argument("--seed", type=common.seed_int, default=0)
+    p.add_argument("--height", type=common.positive_int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=common.positive_int, default=None, help="image width (default: the model's)")
+    p.add_argument("--image", default=None, help="a PNG to start from (image-to-image)")
+    p.add_argument("--strength", type=common.finite_float, default=0.8, help="how far image-to-image departs")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+                   help="attention kernel; auto = cuDNN's fused attention on a GPU, XLA elsewhere")
+    p.add_argument("--variant", default=None, help="weights variant to read, e.g. fp16")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls after the first (for the time per image)")
+    p.add_argument("--out", default="runs/sd_text2img", help="output folder")
+    args = p.parse_args(argv)
+    with common.cli(args.out) as out:
+        run(args, out)
+
+
+def run(args, out):
+    gpu = jax.default_backend() == "gpu"
+    attention = {"auto": "cudnn" if gpu else None, "xla": None, "cudnn": "cudnn"}[args.attention]
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, dtype=common.compute_dtype(args.dtype), attention=attention,
+                                    variant=args.variant)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    prompts = [q for q in args.prompt for _ in range(args.per_prompt)]
+    image = read_image(args.image) if args.image else None
+    kwargs = dict(gamma=args.gamma, sampler=args.sampler, steps=args.steps, seed=args.seed, height=args.height,
+                  width=args.width, image=image, strength=args.strength)
+    t0 = time.perf_counter()
+    images = np.asarray(pipe(prompts, args.negative, **kwargs))
+    first = time.perf_counter() - t0
+    per_image = float("nan")
+    if args.repeats > 0:
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            images = np.asarray(pipe(prompts, args.negative, **kwargs))
+        per_image = (time.perf_counter() - t0) / (args.repeats * len(prompts))
+    for i, img in enumerate(images):
+        write_png(out / f"{i:03d}.png", img)
+    write_png(out / "grid.png", grid(images.reshape(len(args.prompt), args.per_prompt, *images.shape[1:])))
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    print(f"done: {len(images)} images {images.shape[1]}x{images.shape[2]}, {args.sampler} {args.steps} steps, "
+          f"gamma {args.gamma:g}; first call {first:.1f}s (compile included), {per_image:.3f}s per image after it "
+          f"({device}, {jnp.dtype(common.compute_dtype(args.dtype)).name}); outputs in {out}")
+
+
+if __name__ == "__main__":
+    main()

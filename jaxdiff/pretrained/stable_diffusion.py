@@ -1,0 +1,122 @@
+"""A diffusers Stable Diffusion folder (or hub id) -> a jaxdiff ``Pipeline``.
+
+The parts: the U-Net, the KL autoencoder and the CLIP text encoder built from their own
+config.json and filled from their safetensors (every tensor accounted for); CLIP's tokenizer; the
+scheduler config's training schedule and prediction type (epsilon, or v through
+``parametrization.eps_from_v``); and the timestep grids that reproduce diffusers' DDIM and
+DPM-Solver++ for the samplers of the same name. diffusers' timestep tau is jaxdiff's t - 1: the
+U-Net is fed t - 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import conditions, specs
+from jaxdiff.parametrization import eps_from_v
+from jaxdiff.pretrained import folder as folders, scheduler, tokenizer as tokenizers, weights
+
+# jaxdiff's sampler names -> the diffusers scheduler whose timestep grid they take
+DIFFUSERS_SAMPLERS = {"ddim": "ddim", "dpm++": "dpm_solver_pp"}
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+class StableDiffusion:
+    """The parts of one Stable Diffusion: specs (configs), parameters {"unet", "vae", "text"}, tokenizer and
+    scheduler config; modules in compute ``dtype`` with ``attention`` (None: XLA; "cudnn": the fused
+    kernel where it applies). Parameters stay as they are (float32 or float16 as stored). ``load`` reads
+    them from a diffusers folder; a benchmark can build them from configs and random parameters."""
+
+    def __init__(self, unet_spec, vae_spec, text_spec, params: dict, tokenizer, scheduler_config: dict, *,
+                 dtype=jnp.float32, attention: str | None = None):
+        self.unet_spec, self.vae_spec, self.text_spec = unet_spec, vae_spec, text_spec
+        self.unet = unet_spec.module(dtype, attention)
+        self.vae = vae_spec.module(dtype, attention)
+        self.text = text_spec.module(dtype, attention)
+        self.params, self.tokenizer, self.scheduler_config = params, tokenizer, scheduler_config
+        self.schedule = scheduler.schedule_from_config(scheduler_config)
+        self.prediction = scheduler.prediction_type(scheduler_config)
+        self.latent_factor = 2 ** (len(self.vae.block_out_channels) - 1)
+        self.latent_channels = unet_spec.config_dict().get("in_channels", 4)
+        self.default_size = unet_spec.config_dict().get("sample_size", 64) * self.latent_factor
+
+    @classmethod
+    def from_folder(cls, root, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None):
+        index = folders.read_pipeline_index(root)
+        unet = specs.StableDiffusionUNet.from_config(read_json(index["unet"] / "config.json"))
+        vae = specs.StableDiffusionAutoencoder.from_config(read_json(index["vae"] / "config.json"))
+        text = specs.CLIPText.from_config(read_json(index["text_encoder"] / "config.json"))
+        params = {
+            "unet": weights.load_params(unet.template(), index["unet"], variant=variant, name="unet"),
+            "vae": weights.load_params(vae.template(), index["vae"], variant=variant, name="vae"),
+            "text": weights.load_params(text.template(), index["text_encoder"], variant=variant, name="text_encoder"),
+        }
+        return cls(unet, vae, text, params, tokenizers.load_tokenizer(index["tokenizer"]),
+                   scheduler.read_scheduler_config(index["scheduler"]), dtype=dtype, attention=attention)
+
+    def eps_model(self, params, z, t, context):
+        """eps of the latents z_t at jaxdiff's t (the U-Net reads diffusers' t - 1); a v-prediction
+        U-Net's output converted to eps."""
+        out = self.unet.apply(params["unet"], z, t - 1, None, context)
+        if self.prediction == "v_prediction":
+            out = eps_from_v(z, out, alpha_bar=self.schedule.alpha_bar(t))
+        return out
+
+    def decode(self, params, z):
+        """Latents -> images in [-1, 1] (N, H, W, 3): undo the config's scaling (and shift) first."""
+        z = z / self.vae.scaling_factor + (self.vae.shift_factor or 0.0)
+        return self.vae.apply(params["vae"], z, method="decode").astype(jnp.float32)
+
+    def encode(self, params, images, keys):
+        """Images in [-1, 1] -> scaled latents, a draw from the encoder's posterior per image."""
+        mean, logvar = self.vae.apply(params["vae"], images, method="encode")
+        noise = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
+        z = mean + jnp.exp(0.5 * logvar) * noise
+        return (z - (self.vae.shift_factor or 0.0)) * self.vae.scaling_factor
+
+    def condition(self):
+        return conditions.TextTokens(self.tokenizer, self.text)
+
+    def grid(self, sampler: str, steps: int):
+        """The timestep grid (endpoint last) diffusers would walk for this sampler, or None for
+        samplers diffusers has no twin of here (they take jaxdiff's own grid)."""
+        if sampler not in DIFFUSERS_SAMPLERS:
+            return None
+        return _grid(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)
+
+
+def _frozen(config: dict):
+    return json.dumps(config, sort_keys=True)
+
+
+@lru_cache(maxsize=64)
+def _grid(config_json: str, sampler: str, steps: int) -> tuple:
+    config = json.loads(config_json)
+    try:
+        return tuple(int(t) for t in scheduler.inference_timesteps(config, steps, sampler))
+    except scheduler.SchedulerConfigError as err:
+        # diffusers' DDIM steps by a fixed stride that no one grid reproduces for some spacings
+        print(f"warning: {err}; using the listed timesteps, which differs from diffusers here", file=sys.stderr)
+        return tuple(int(t) for t in scheduler.inference_timesteps(config, steps, sampler, strict=False))
+
+
+def load(model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
+         offline: bool | None = None) -> StableDiffusion:
+    """``model``: a diffusers Stable Diffusion folder, or a hub id fetched when online."""
+    return StableDiffusion.from_folder(folders.resolve(model, offline=offline, variant=variant), dtype=dtype,
+                                       attention=attention, variant=variant)
+
+
+def to_nhwc(latents) -> np.ndarray:
+    """diffusers' (N, C, h, w) latents -> jaxdiff's (N, h, w, C)."""
+    return np.transpose(np.asarray(latents), (0, 2, 3, 1))
