@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import sys
 
@@ -123,7 +124,7 @@ def parser(description: str, steps: int, batch_size: int, out: str) -> argparse.
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
     g.add_argument("--steps-per-dispatch", type=positive_int, default=50, help="steps scanned in one device call")
-    g.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0 = all)")
+    g.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0 = all; one process only)")
     g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--out", default=out, help=f"output folder or URI: checkpoints, PNGs, loss CSV (default {out})")
@@ -162,6 +163,9 @@ def load_data(args, split: str | None = None):
 
 def devices(args):
     all_devices = jax.devices()
+    if args.devices and jax.process_count() > 1:
+        raise Failure(f"--devices applies to a single process; this run of {jax.process_count()} processes trains on "
+                      f"all {len(all_devices)} of their devices")
     if args.devices:
         if args.devices > len(all_devices):
             raise Failure(f"--devices {args.devices} asked for, only {len(all_devices)} present")
@@ -200,52 +204,67 @@ def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "t
         raise Failure(f"{out / 'checkpoints'} already holds checkpoints: pass --resume to continue, or choose "
                       f"another --out") from err
     if result.trained_steps == 0 and stage:
-        print(f"{label}: already trained ({int(result.state.step)} steps)", file=sys.stderr)
+        note(f"{label}: already trained ({int(result.state.step)} steps)")
         return result
     if result.trained_steps == 0:
         raise NothingToDo(f"{label}: {out} is already at step {int(result.state.step)} >= --steps {config.steps}; "
                           f"nothing to do (outputs left as they are)")
     if result.start_step:
-        print(f"{label}: resumed from step {result.start_step}", file=sys.stderr)
+        note(f"{label}: resumed from step {result.start_step}")
     skipped = int(result.state.skipped)
     if skipped:
-        print(f"warning: {skipped} updates skipped for non-finite loss or gradients", file=sys.stderr)
+        note(f"warning: {skipped} updates skipped for non-finite loss or gradients")
     if trainer.is_writer():
         plot_loss(out / "loss.csv", out / "loss.png", label)
     return result
 
 
 @contextlib.contextmanager
-def cli(out):
-    """Run an experiment's body: expected failures (bad flags or data, an unwritable or damaged --out)
-    become one line on stderr and exit status 2, and an --out folder this run created is removed
-    again if the run fails before writing anything into it."""
-    out = epath.Path(out)
+def cli(args):
+    """Run an experiment's body: join the run's processes (``jaxdiff.distributed``), then make sure
+    --out is a folder (one folder shared by every process of a multi-process run). Expected failures
+    (bad flags or data, an unwritable, unshared or damaged --out) become one line on stderr and exit
+    status 2, and an --out folder this run created is removed again if the run fails before
+    writing anything into it. ``args``: the parsed flags of ``parser``; or only the --out path, for
+    a program without the distributed flags, which then runs as one process."""
+    joins = hasattr(args, "out")
+    out = epath.Path(args.out if joins else args)
     created = False
     try:
+        if joins:
+            distributed.from_args(args)
         if out.exists() and not out.is_dir():
             raise Failure(f"--out {out} is a file, not a folder")
         if not out.exists():
             try:
-                out.mkdir(parents=True)
+                out.mkdir(parents=True, exist_ok=True)  # another process of the run may make it at once
             except OSError as err:
                 raise Failure(f"cannot create --out {out}: {err.strerror or err}") from err
             created = True
         elif not _writable(out):
             raise Failure(f"--out {out} is not writable")
+        distributed.check_shared_folder(out)
         yield out
     except NothingToDo as err:
-        print(str(err), file=sys.stderr)
+        note(str(err))
         sys.exit(0)
     except (Failure, ValueError, CheckpointError, data.DataUnavailable, OSError) as err:
-        if created and out.exists() and not any(out.iterdir()):
-            out.rmdir()
+        if created:
+            with contextlib.suppress(OSError):  # another process may have removed it, or written to it
+                if not any(out.iterdir()):
+                    out.rmdir()
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 
+def note(message: str) -> None:
+    """A line on stderr, from process 0 only in a multi-process run."""
+    if trainer.is_writer():
+        print(message, file=sys.stderr)
+
+
 def _writable(folder: epath.Path) -> bool:
-    probe = folder / ".jaxdiff-write-test"
+    probe = folder / f".jaxdiff-write-test-{jax.process_index()}"  # one per process: they probe at once
     try:
         probe.write_text("")
         probe.unlink()
@@ -271,7 +290,7 @@ def plot_loss(csv_path, png_path, title: str):
     """The training loss against the step, log scale, with a running mean (matplotlib; skipped with a
     note when it is not installed: pip install 'jaxdiff[experiments]')."""
     plt = pyplot()
-    rows = np.loadtxt(str(csv_path), delimiter=",", skiprows=1, ndmin=2)
+    rows = read_csv(csv_path)
     if plt is None or len(rows) == 0:
         return
     steps, losses = rows[:, 0], rows[:, 1]
@@ -319,6 +338,10 @@ def speed(result: trainer.TrainResult) -> str:
     return f"{rate:,.0f} img/s after compile" if rate == rate else "a single dispatch, compile included"
 
 
+def read_csv(path) -> np.ndarray:
+    """A numeric CSV with a header row, read through epath (so from a gs:// bucket too)."""
+    return np.loadtxt(io.StringIO(epath.Path(path).read_text()), delimiter=",", skiprows=1, ndmin=2)
+
+
 def final_loss(out) -> float:
-    rows = np.loadtxt(str(epath.Path(out) / "loss.csv"), delimiter=",", skiprows=1, ndmin=2)
-    return float(rows[-50:, 1].mean())
+    return float(read_csv(epath.Path(out) / "loss.csv")[-50:, 1].mean())

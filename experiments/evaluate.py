@@ -18,14 +18,13 @@ classifier in --eval-classifier (trained once, then reused).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, distributed, sampling
+from jaxdiff import data, sampling
 from jaxdiff.judge import Judge
 from jaxdiff.pipeline import Pipeline
 
@@ -57,8 +56,7 @@ def main(argv=None):
     p.add_argument("--sample-batch", type=common.positive_int, default=5000, help="images generated per device call")
     args = p.parse_args(argv)
     args.eval_classifier = args.eval_classifier or f"runs/eval_{args.dataset}"
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         run(args, out)
 
 
@@ -72,8 +70,8 @@ def run(args, out):
     n_floor = min(args.num_samples, len(train_images))
     floor_idx = np.random.default_rng(args.seed).choice(len(train_images), n_floor, replace=False)
     floor = judge.fid(train_images[floor_idx], ref)
-    print(f"evaluation classifier: test accuracy {test_acc:.4f}; FID floor (real train {n_floor} vs test "
-          f"{len(test_images)}) {floor:.3f}", file=sys.stderr)
+    common.note(f"evaluation classifier: test accuracy {test_acc:.4f}; FID floor (real train {n_floor} vs test "
+                f"{len(test_images)}) {floor:.3f}")
 
     rows = []
     n = args.num_samples
@@ -91,10 +89,9 @@ def run(args, out):
                          accuracy=judge.accuracy(imgs, labels[: len(imgs)]), seconds=seconds))
         write_csv(out, rows)  # after every cell, so a run cut short keeps what it measured
         r = rows[-1]
-        print(f"{kind:<10}{sampler:>7}{nfe:>6}{gamma:>7.2f}{r['fid']:>10.3f}{r['accuracy']:>10.4f}{seconds:>9.1f}",
-              file=sys.stderr)
+        common.note(f"{kind:<10}{sampler:>7}{nfe:>6}{gamma:>7.2f}{r['fid']:>10.3f}{r['accuracy']:>10.4f}{seconds:>9.1f}")
 
-    print(f"{'guidance':<10}{'sampler':>7}{'NFE':>6}{'gamma':>7}{'FID':>10}{'accuracy':>10}{'seconds':>9}", file=sys.stderr)
+    common.note(f"{'guidance':<10}{'sampler':>7}{'NFE':>6}{'gamma':>7}{'FID':>10}{'accuracy':>10}{'seconds':>9}")
     dtype = common.compute_dtype(args.dtype)
     if args.checkpoint:
         pipe = Pipeline.from_checkpoint(args.checkpoint, dtype=dtype)

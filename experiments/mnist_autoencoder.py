@@ -7,13 +7,11 @@ and checkpoints/ under --out. mnist_text2img trains the same model as its first 
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, distributed, specs, train
+from jaxdiff import data, specs, train
 from jaxdiff.nets.autoencoder import gaussian_kl
 
 
@@ -32,8 +30,8 @@ def train_autoencoder(args, images, labels, test_images, out, steps: int, stage:
     mse = float(np.mean((np.asarray(decode(mean)) - data.to_float(sub)) ** 2))
     kl = float(np.mean(gaussian_kl(mean, logvar)))
     scale = float(1.0 / np.asarray(encode(images[:5000])[0]).std())
-    print(f"autoencoder: test reconstruction MSE {mse:.4f} (images in [-1, 1]), KL {kl:.1f} nats/image, "
-          f"latent std {1 / scale:.3f} -> scale {scale:.3f}", file=sys.stderr)
+    common.note(f"autoencoder: test reconstruction MSE {mse:.4f} (images in [-1, 1]), KL {kl:.1f} nats/image, "
+                f"latent std {1 / scale:.3f} -> scale {scale:.3f}")
     return ae, params, encode, decode, scale
 
 
@@ -43,8 +41,7 @@ def main(argv=None):
                    help="weight of the KL term against the squared error")
     p.add_argument("--rows", type=common.positive_int, default=4, help="pairs of rows in reconstructions.png")
     args = p.parse_args(argv)
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         images, labels = common.load_data(args)
         test_images, _ = common.load_data(args, "test")
         _, _, encode, decode, scale = train_autoencoder(args, images, labels, test_images, out, args.steps)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, distributed, sampling, specs, train
+from jaxdiff import data, sampling, specs, train
 from jaxdiff.judge import Judge
 from jaxdiff.pipeline import Pipeline
 
@@ -40,8 +40,7 @@ def main(argv=None):
     p.add_argument("--judge-steps", type=common.positive_int, default=3000,
                    help="steps to train an absent evaluation classifier")
     args = p.parse_args(argv)
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         run(args, out)
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, distributed, sampling, specs, train
+from jaxdiff import data, sampling, specs, train
 from jaxdiff.pipeline import Pipeline
 
 
@@ -27,8 +27,7 @@ def main(argv=None):
     p.add_argument("--gammas", type=common.finite_floats, default=[0.0, 1.0, 3.0, 5.0, 10.0],
                    help="classifier guidance scales")
     args = p.parse_args(argv)
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         common.check_levels(args, len(args.channels))
         images, labels = common.load_data(args)
         num_classes = data.NUM_CLASSES[args.dataset]

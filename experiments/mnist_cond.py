@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, distributed, sampling, specs, train
+from jaxdiff import data, sampling, specs, train
 from jaxdiff.pipeline import Pipeline
 
 
@@ -22,8 +22,7 @@ def main(argv=None):
     p = common.parser(__doc__, steps=6000, batch_size=256, out="runs/mnist_cond")
     p.add_argument("--per-label", type=common.positive_int, default=10, help="samples per label")
     args = p.parse_args(argv)
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         common.check_levels(args, len(args.channels))
         images, labels = common.load_data(args)
         num_classes = data.NUM_CLASSES[args.dataset]

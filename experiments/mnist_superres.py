@@ -13,7 +13,6 @@ checkpoints/ under --out.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, distributed, sampling, specs, train
+from jaxdiff import data, sampling, specs, train
 from jaxdiff.conditions import downsample, upsample
 from jaxdiff.pipeline import Pipeline
 
@@ -42,8 +41,7 @@ def main(argv=None):
                    help="per-example probability of a blank low-res image")
     p.add_argument("--gamma", type=common.finite_float, default=1.0, help="guidance scale when sampling (1: none)")
     args = p.parse_args(argv)
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         run(args, out)
 
 
@@ -77,8 +75,8 @@ def run(args, out):
     samples = data.to_float(samples)
     p_diff, p_bil = psnr(samples, real).mean(), psnr(bilinear, real).mean()
     p_cons = psnr(downsample(samples), low).mean()
-    print(f"on {len(real)} test images: PSNR vs real 28x28: diffusion {p_diff:.2f} dB, bilinear {p_bil:.2f} dB; "
-          f"consistency (sample downsampled vs its 14x14 input) {p_cons:.2f} dB", file=sys.stderr)
+    common.note(f"on {len(real)} test images: PSNR vs real 28x28: diffusion {p_diff:.2f} dB, bilinear {p_bil:.2f} dB; "
+                f"consistency (sample downsampled vs its 14x14 input) {p_cons:.2f} dB")
     r = min(args.rows, len(real))
     nearest = jnp.repeat(jnp.repeat(low[:r], 2, axis=1), 2, axis=2)
     cols = np.stack([data.to_uint8(a) for a in (nearest, bilinear[:r], samples[:r], real[:r])], axis=1)

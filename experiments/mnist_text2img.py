@@ -19,7 +19,6 @@ Pipeline.from_checkpoint(out)(["a handwritten 3"]).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 
 from experiments import common
 from experiments.mnist_autoencoder import train_autoencoder
-from jaxdiff import captions, data, distributed, specs, train
+from jaxdiff import captions, data, specs, train
 from jaxdiff.judge import Judge
 from jaxdiff.nets.text import Tokenizer
 from jaxdiff.pipeline import Pipeline
@@ -63,8 +62,7 @@ def main(argv=None):
     g.add_argument("--judge-steps", type=common.positive_int, default=3000,
                    help="steps to train an absent evaluation classifier")
     args = p.parse_args(argv)
-    distributed.from_args(args)
-    with common.cli(args.out) as out:
+    with common.cli(args) as out:
         run(args, out)
 
 
@@ -101,8 +99,7 @@ def run(args, out):
         emb = np.asarray(text_tokens(ids[:n_cls].reshape(-1, MAX_LEN), mask[:n_cls].reshape(-1, MAX_LEN))[1])
         emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).reshape(n_cls, -1, emb.shape[-1]).mean(1)
         acc = float(np.mean(np.argmax(img_emb @ emb.T, 1) == judged[1]))
-        print(f"zero-shot accuracy on {len(judged[1])} test images from {name} templates alone: {acc:.4f}",
-              file=sys.stderr)
+        common.note(f"zero-shot accuracy on {len(judged[1])} test images from {name} templates alone: {acc:.4f}")
 
     # 3. latent diffusion with cross-attention to the frozen text encoder's tokens
     spec = specs.LatentUNet(channels=args.channels, cross_attention_levels=tuple(range(len(args.channels))),
@@ -168,9 +165,7 @@ def judge_samples(args, out, judge, sample, test_images, test_labels, reconstruc
                                        for j in range(0, len(texts), 1000)])
                 acc = judge.accuracy(imgs, asked)
                 rows.append((gamma, kind, tpl, acc))
-                print(f"judged: gamma {gamma:g} {kind:>9} template {tpl!r:<34} accuracy {acc:.4f}", file=sys.stderr)
-    (out / "text2img_quality.csv").write_text("gamma,templates,template,accuracy\n"
-                                              + "".join(f'{g},{k},"{t}",{a:.4f}\n' for g, k, t, a in rows))
+                common.note(f"judged: gamma {gamma:g} {kind:>9} template {tpl!r:<34} accuracy {acc:.4f}")
     lines = [f"Evaluation classifier accuracy on {len(real)} real test images {acc_real:.4f}, on their autoencoder "
              f"reconstructions {acc_recon:.4f} (the ceiling); samples: {len(asked)} per template and gamma "
              f"({args.eval_per_class} per class), {args.sampler} {args.sample_steps} steps.", "",
@@ -180,8 +175,11 @@ def judge_samples(args, out, judge, sample, test_images, test_labels, reconstruc
         for k in ("training", "held-out"):
             mean_acc = np.mean([a for gg, kk, _, a in rows if gg == g and kk == k])
             lines.append(f"| {g:g} | {k}, mean | | {mean_acc:.4f} |")
-    (out / "text2img_quality.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if jax.process_index() == 0:
+        (out / "text2img_quality.csv").write_text("gamma,templates,template,accuracy\n"
+                                                  + "".join(f'{g},{k},"{t}",{a:.4f}\n' for g, k, t, a in rows))
+        (out / "text2img_quality.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
     held = [a for g, k, _, a in rows if k == "held-out" and g == args.gamma] or [a for *_, a in rows]
     return (f"class accuracy of held-out-template samples {np.mean(held):.4f} (real {acc_real:.4f}, "
             f"reconstructions {acc_recon:.4f}), ")

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -110,6 +111,21 @@ def _finish_every_read():
         asyncio_utils._run_sync_via_new_loop = original
 
 
+def _placed(template):
+    """``template`` with a sharding on every ``jax.ShapeDtypeStruct`` that has none: this process's first
+    device. Without one, orbax takes the sharding saved in the checkpoint, which names the devices of
+    the run that saved it and fails on another topology (a checkpoint of a multi-host run loaded on
+    one machine)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def place(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(place, template)
+
+
 class Checkpoints:
     """Save every N steps and at the end (the caller decides when), keep the last ``max_to_keep``.
 
@@ -157,10 +173,13 @@ class Checkpoints:
             if config is not None:
                 compare_configs(saved, config, must_match, where=f"{self.directory} step {s}")
 
+        template_state = _placed(template_state)
         return self._newest("state", lambda: ocp.args.StandardRestore(template_state), step, check)[1]
 
     def restore_ema(self, template_params, step: int | None = None):
-        """The EMA parameters at ``step`` (default: the newest intact one)."""
+        """The EMA parameters at ``step`` (default: the newest intact one). Leaves of the template
+        without a sharding (``jax.eval_shape``'s) are restored onto this process's first device."""
+        template_params = _placed(template_params)
         return self._newest("ema", lambda: ocp.args.StandardRestore(template_params), step)[1]
 
     def wait(self) -> None:

@@ -185,12 +185,16 @@ class Batches:
         self.per_epoch = len(images) // batch_size
         self._epoch, self._perm = -1, None
 
-    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices(self, index: int) -> np.ndarray:
+        """The dataset rows of batch ``index``."""
         epoch, i = divmod(index, self.per_epoch)
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
             self._epoch = epoch
-        idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.indices(index)
         return self.images[idx], self.labels[idx]
 
     def stack(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:

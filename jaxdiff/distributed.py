@@ -1,9 +1,9 @@
 """One run over several processes (TPU pod slices, multi-node GPUs): JAX's multi-controller runtime.
 
 Every process runs the same program. ``initialize`` joins them (``jax.distributed.initialize``):
-on its own where JAX can tell (TPU VMs of a slice, Slurm, Open MPI), or from an explicit
+on its own where JAX can tell (Cloud TPU VMs, Slurm job steps, Open MPI), or from an explicit
 coordinator address, process count and id (flags, or JAXDIFF_COORDINATOR / JAXDIFF_NUM_PROCESSES
-/ JAXDIFF_PROCESS_ID). A single process is left as it is.
+/ JAXDIFF_PROCESS_ID). Any other single process is left as it is.
 
 The data axis then spans every device of every process. ``Batches`` gives each process only its
 rows of the same seeded global batch, and ``jaxdiff.train.shard_batches`` assembles the global
@@ -40,16 +40,27 @@ def _env_int(name):
     return int(v) if v not in (None, "") else None
 
 
+def _on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM (libtpu installed, TPU chips present), as JAX decided when it was imported: the
+    flag its own cluster detection reads first. Private to JAX, so a JAX without it counts as no."""
+    try:
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+    except ImportError:
+        return False
+    return bool(running_in_cloud_tpu_vm)
+
+
 def _cluster_detected() -> bool:
-    """Several processes that JAX's own cluster detection will find: a TPU slice of several hosts,
-    a Slurm job of several tasks, an Open MPI job of several ranks."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return ("," in hosts or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    """A run that JAX's own cluster detection will find: any Cloud TPU VM (a slice of one host is a
+    run of one process; JAX reads the hosts of a larger slice from the VM's metadata), a Slurm job
+    step of several tasks, an Open MPI job of several ranks."""
+    return (_on_cloud_tpu_vm() or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Join the run's processes, once, before anything else touches JAX's devices."""
+    """Join the run's processes before anything else touches JAX's devices; a second call (another
+    experiment in the same Python process) leaves the first one's run as it is."""
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
@@ -57,9 +68,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              f"(got {coordinator!r}, {num_processes!r}, {process_id!r})")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
-        if num_processes > 1:
+        if num_processes > 1 and not jax.distributed.is_initialized():
             jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif _cluster_detected():
+    elif _cluster_detected() and not jax.distributed.is_initialized():
         jax.distributed.initialize()
 
 
@@ -67,21 +78,26 @@ def from_args(args) -> None:
     initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+def local_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch: process p of n holds rows p * B / n .. (p + 1) * B / n,
+    the rows its devices take in the data axis (``jaxdiff.train.make_mesh`` orders devices by process)."""
+    n = jax.process_count()
+    if batch_size % n:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {n} processes")
+    local = batch_size // n
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
 class Batches(data.Batches):
-    """``data.Batches`` whose ``stack`` gives only this process's rows of each global batch: process p
-    of n holds rows p * B / n .. (p + 1) * B / n, the rows its devices take in the data axis."""
+    """``data.Batches`` that gathers only this process's rows (``local_rows``) of each global batch.
+    With one process it is ``data.Batches``."""
 
     def __init__(self, images, labels, batch_size: int, seed: int):
         super().__init__(images, labels, batch_size, seed)
-        n = jax.process_count()
-        if batch_size % n:
-            raise ValueError(f"batch_size {batch_size} must be divisible by the {n} processes")
-        self.local = batch_size // n
-        self.start = jax.process_index() * self.local
+        self.rows = local_rows(batch_size)
 
-    def stack(self, start: int, count: int):
-        xs, ys = super().stack(start, count)
-        return xs[:, self.start : self.start + self.local], ys[:, self.start : self.start + self.local]
+    def indices(self, index: int) -> np.ndarray:
+        return super().indices(index)[self.rows]
 
 
 def check_shared_folder(folder) -> None:
@@ -102,6 +118,8 @@ def check_shared_folder(folder) -> None:
     seen = marker.read_text() if marker.exists() else None
     ok = np.asarray(multihost_utils.process_allgather(np.asarray([seen == token.tobytes().hex()])))
     multihost_utils.sync_global_devices("jaxdiff: shared-folder marker read")
+    if jax.process_index() == 0:  # every process has read it (the barrier above)
+        marker.unlink(missing_ok=True)
     if not ok.all():
         bad = [i for i, v in enumerate(ok.reshape(-1)) if not v]
         raise ValueError(f"{folder} is not one folder shared by all {jax.process_count()} processes (processes {bad} "

@@ -105,7 +105,8 @@ def _x(shape):
     return jnp.zeros((1, *shape), jnp.float32)
 
 
-_T = jnp.ones((1,), jnp.int32)
+# numpy, not jax: a jax array made on import would start the backend before jax.distributed.initialize
+_T = np.ones((1,), np.int32)
 
 
 @register

@@ -142,17 +142,18 @@ class Progress:
 
 
 class LossLog:
-    """``step,loss`` rows in a CSV; a resumed run first drops the rows past its checkpoint."""
+    """``step,loss`` rows in a CSV; a resumed run first drops the rows past its checkpoint. The file is
+    rewritten whole (and atomically) for each new batch of rows: a bucket (gs://) cannot append."""
 
     def __init__(self, path, resume_step: int = 0):
         self.path = epath.Path(path)
         rows = self.path.read_text().splitlines() if resume_step and self.path.exists() else []
-        kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step]
-        self._write(["step,loss", *kept])
+        self.rows = ["step,loss", *(r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step)]
+        self._write(self.rows)
 
     def append(self, first_step: int, losses) -> None:
-        with self.path.open("a") as f:
-            f.writelines(f"{first_step + i},{float(v):.6f}\n" for i, v in enumerate(losses))
+        self.rows += [f"{first_step + i},{float(v):.6f}" for i, v in enumerate(losses)]
+        self._write(self.rows)
 
     def _write(self, rows) -> None:
         tmp = self.path.parent / (self.path.name + ".tmp")
@@ -172,11 +173,12 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
 
     ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
     leading axis (``jaxdiff.data.Batches`` does, deterministically from its seed, so a resumed run
-    sees the batches the uninterrupted run would have). ``directory``: the checkpoint folder
-    (None: no checkpoints). ``resume``: continue from its newest intact checkpoint; without it, a
-    folder that already holds checkpoints raises ``RunExists``. A resume whose checkpoint is at or
-    past ``config.steps`` trains nothing and returns the restored state. ``meta``: JSON-able
-    settings of the caller's (dataset, loss weights) that a resume must match too.
+    sees the batches the uninterrupted run would have); in a multi-process run, either the whole
+    batches or this process's rows of them (``jaxdiff.distributed.Batches``). ``directory``: the
+    checkpoint folder (None: no checkpoints). ``resume``: continue from its newest intact
+    checkpoint; without it, a folder that already holds checkpoints raises ``RunExists``. A resume
+    whose checkpoint is at or past ``config.steps`` trains nothing and returns the restored state.
+    ``meta``: JSON-able settings of the caller's (dataset, loss weights) that a resume must match too.
     """
     tx = config.optimizer()
     if params is None:
@@ -186,6 +188,9 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         raise ValueError(f"the batches hold {batches.batch_size} examples, the config says batch_size {config.batch_size}")
     if config.batch_size % len(devices):
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} devices")
+    owned = [sum(d.process_index == p for d in devices) for p in range(jax.process_count())]
+    if min(owned) != max(owned) or not owned[0]:  # the data axis must span every process evenly
+        raise ValueError(f"every process must give the same number of devices to the run; per process: {owned}")
     mesh = train.make_mesh(devices)
     # replicated over the mesh before a restore, so orbax restores into globally sharded arrays
     state = train.replicate(train.init_state(params, tx, config.seed), mesh)
@@ -223,7 +228,8 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
     t0, warm_t, warm_images = time.perf_counter(), None, 0
     while step < config.steps:
         k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
-        state, metrics = multi_step(state, train.shard_batches(batches.stack(step, k), mesh))
+        local = _local(batches.stack(step, k), config.batch_size)
+        state, metrics = multi_step(state, train.shard_batches(local, mesh))
         losses = np.asarray(metrics["loss"])  # one host sync per dispatch
         if warm_t is None:
             warm_t = time.perf_counter()
@@ -240,3 +246,20 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
         show.close()
     rate = warm_images / (time.perf_counter() - warm_t) if warm_images else float("nan")
     return TrainResult(state, start, time.perf_counter() - t0, rate)
+
+
+def _local(stacked, batch_size: int):
+    """This process's rows of stacked batches (steps, rows, ...): the batches may hold the whole global
+    batch (every process the same, as ``jaxdiff.data.Batches`` gives) or only this process's rows
+    (``jaxdiff.distributed.Batches``); with one process the two are the same."""
+    rows = distributed.local_rows(batch_size)
+    local = rows.stop - rows.start
+
+    def pick(a):
+        a = np.asarray(a)
+        if a.ndim < 2 or a.shape[1] not in (local, batch_size):
+            raise ValueError(f"batches.stack gave an array of shape {a.shape}; expected (steps, {batch_size}, ...) "
+                             f"or this process's (steps, {local}, ...)")
+        return a if a.shape[1] == local else a[:, rows]
+
+    return jax.tree.map(pick, stacked)
