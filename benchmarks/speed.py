@@ -205,7 +205,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = p.parse_args(argv)
     if args.tiny:
-        args.train_batches, args.sample_batches, args.channels = [8], [2], (8, 16, 32)
+        args.train_batches, args.sample_batches, args.channels = [8], [2], (8, 16)
         args.timesteps, args.steps_per_dispatch, args.repeats, args.sample_repeats, args.matmul_size = 5, 2, 1, 1, 256
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     jb = JaxBench(args, dtype)

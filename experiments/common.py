@@ -181,9 +181,10 @@ def train_config(args, **changes) -> trainer.TrainConfig:
 
 
 def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "train", params=None,
-        config: trainer.TrainConfig | None = None, stage: bool = False) -> trainer.TrainResult:
+        config: trainer.TrainConfig | None = None, stage: bool = False, flags: dict | None = None) -> trainer.TrainResult:
     """Train (or resume, with --resume) into ``out``: checkpoints/, loss.csv, loss.png. A run already at
-    --steps raises NothingToDo, unless it is one ``stage`` of several (then its state is used as it is)."""
+    --steps raises NothingToDo, unless it is one ``stage`` of several (then its state is used as it is).
+    ``flags`` names the flag behind a setting where it is not the one in FLAGS."""
     out = epath.Path(out)
     config = config or train_config(args)
     devs = devices(args)
@@ -198,7 +199,8 @@ def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "t
         result = trainer.fit(spec, loss_fn, batches, config, directory=out / "checkpoints", params=params,
                              resume=args.resume, meta=meta, devices=devs, loss_log=out / "loss.csv", label=label)
     except ConfigMismatch as err:
-        named = [f"{FLAGS.get(k, k)}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in err.diffs]
+        names = {**FLAGS, **(flags or {})}
+        named = [f"{names.get(k, k)}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in err.diffs]
         raise Failure(f"--resume: {out} was trained with other settings: " + "; ".join(named)) from err
     except trainer.RunExists as err:
         raise Failure(f"{out / 'checkpoints'} already holds checkpoints: pass --resume to continue, or choose "

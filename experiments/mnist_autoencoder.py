@@ -15,13 +15,18 @@ from jaxdiff import data, specs, train
 from jaxdiff.nets.autoencoder import gaussian_kl
 
 
-def train_autoencoder(args, images, labels, test_images, out, steps: int, stage: bool = False):
+def add_flags(p, flag: str = "--ae-channels"):
+    p.add_argument(flag, dest="ae_channels", type=common.channels, default=(32, 64, 128),
+                   help="channels per autoencoder level (default 32,64,128; three levels: 28x28 -> 8x8 latents)")
+
+
+def train_autoencoder(args, images, labels, test_images, out, steps: int, stage: bool = False, flag="--ae-channels"):
     """Train (or resume) in ``out``; returns (float32 module, EMA params, encode, decode, latent scale)."""
-    spec = specs.Autoencoder(channels=(32, 64, 128), latent_channels=4, image_shape=images.shape[1:])
+    spec = specs.Autoencoder(channels=args.ae_channels, latent_channels=4, image_shape=images.shape[1:])
     loss = train.vae_loss(spec.module(common.compute_dtype(args.dtype)), kl_weight=args.kl_weight)
     result = common.fit(args, spec, loss, images, labels, out, label="autoencoder", stage=stage,
                         meta={"dataset": args.dataset, "split": args.split, "kl_weight": args.kl_weight},
-                        config=common.train_config(args, steps=steps))
+                        config=common.train_config(args, steps=steps), flags={"spec.channels": flag})
     ae, params = spec.module(), jax.device_get(result.state.ema_params)
     encode = jax.jit(lambda x: ae.apply(params, data.to_float(x), method="encode"))
     decode = jax.jit(lambda z: ae.apply(params, z, method="decode"))
@@ -40,6 +45,7 @@ def main(argv=None):
     p.add_argument("--kl-weight", type=common.finite_float, default=1e-4,
                    help="weight of the KL term against the squared error")
     p.add_argument("--rows", type=common.positive_int, default=4, help="pairs of rows in reconstructions.png")
+    add_flags(p)
     args = p.parse_args(argv)
     with common.cli(args) as out:
         images, labels = common.load_data(args)

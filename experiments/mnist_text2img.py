@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from experiments.mnist_autoencoder import train_autoencoder
+from experiments.mnist_autoencoder import add_flags as add_autoencoder_flags, train_autoencoder
 from jaxdiff import captions, data, specs, train
 from jaxdiff.judge import Judge
 from jaxdiff.nets.text import Tokenizer
@@ -52,6 +52,7 @@ def main(argv=None):
     p.add_argument("--gamma", type=common.finite_float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--per-prompt", type=common.positive_int, default=8, help="samples per prompt")
     p.add_argument("--kl-weight", type=common.finite_float, default=1e-4)
+    add_autoencoder_flags(p)
     g = p.add_argument_group("judging samples")
     g.add_argument("--eval-classifier", default=None,
                    help="folder of an evaluation classifier (made there first if absent): judge samples of every "

@@ -66,8 +66,11 @@ def test_tensorflow_datasets_fetches_and_verifies_over_loopback(tmp_path):
     served = tmp_path / "served"
     images, _ = write_split(served, "train", 20)
     write_split(served, "test", 10)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the request log would land in pytest's output
+            pass
+
+    handler = functools.partial(Quiet, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

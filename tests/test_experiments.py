@@ -57,6 +57,7 @@ def cfg_run(tiny_data, tmp_path_factory):
     return out, stdout.getvalue(), stderr.getvalue()
 
 
+@pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
 def test_mnist_cfg_end_to_end(cfg_run):
     out, stdout, stderr = cfg_run
     for name in ["samples.png", "samples_gamma3.png", "negative.png", "loss.png", "loss.csv"]:
@@ -66,6 +67,7 @@ def test_mnist_cfg_end_to_end(cfg_run):
     assert rows[0] == "step,loss" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+@pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
 def test_resume_refuses_changed_meaning_and_has_nothing_to_do_at_its_steps(cfg_run, tiny_data, tmp_path, capsys):
     src, _, _ = cfg_run
     out = tmp_path / "run"
@@ -92,6 +94,7 @@ def test_resume_refuses_changed_meaning_and_has_nothing_to_do_at_its_steps(cfg_r
     assert len((out / "loss.csv").read_text().split()) == 7
 
 
+@pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
 def test_pipeline_from_checkpoint(cfg_run):
     from jaxdiff.pipeline import Pipeline
 
@@ -157,6 +160,7 @@ def test_cond_and_classifier_guidance_end_to_end(tiny_data, tmp_path, capsys):
     assert (tmp_path / "cg" / "samples.png").stat().st_size > 0 and (tmp_path / "cg" / "classifier" / "loss.csv").exists()
 
 
+@pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
 def test_evaluate_reports_what_a_recomputation_gives(cfg_run, tiny_data, tmp_path, capsys):
     """The table's accuracy and FID against the same samples judged again here, independently."""
     from jaxdiff import metrics
@@ -197,7 +201,7 @@ def test_evaluate_reports_what_a_recomputation_gives(cfg_run, tiny_data, tmp_pat
 
 def test_text_to_image_end_to_end(tiny_data, tmp_path, capsys):
     code, out, err = run(capsys, "mnist_text2img", "--data-dir", tiny_data, "--out", tmp_path, "--steps", "2",
-                         "--ae-steps", "2", "--clip-steps", "2", "--batch-size", "8", "--steps-per-dispatch", "2",
+                         "--ae-steps", "2", "--ae-channels", "8,8,8", "--clip-steps", "2", "--batch-size", "8", "--steps-per-dispatch", "2",
                          "--save-every", "2", "--sample-steps", "2", "--per-prompt", "2", "--channels", "8,16",
                          "--warmup", "1", "--prompt", "a handwritten 3", "--prompt", "zebra", "--negative-prompt",
                          "the digit 8", "--eval-classifier", tmp_path / "judge", "--judge-steps", "2",
@@ -225,10 +229,13 @@ def test_text_to_image_end_to_end(tiny_data, tmp_path, capsys):
 
 
 def test_autoencoder_end_to_end(tiny_data, tmp_path, capsys):
-    code, out, err = run(capsys, "mnist_autoencoder", "--data-dir", tiny_data, "--out", tmp_path, "--steps", "2",
-                         "--batch-size", "8", "--steps-per-dispatch", "2", "--warmup", "1", "--rows", "2")
+    flags = ["--data-dir", tiny_data, "--out", tmp_path, "--batch-size", "8", "--steps-per-dispatch", "2",
+             "--warmup", "1", "--rows", "2"]
+    code, out, err = run(capsys, "mnist_autoencoder", *flags, "--steps", "2", "--ae-channels", "8,8,8")
     assert code == 0, err[-3000:]
     assert "reconstruction MSE" in err and "done: autoencoder 2 steps" in out
+    code, out, err = run(capsys, "mnist_autoencoder", *flags, "--steps", "4", "--ae-channels", "8,16,8", "--resume")
+    assert code == 2 and "--ae-channels: checkpoint has [8, 8, 8], this run has [8, 16, 8]" in err, err[-3000:]
     from experiments.png import grid
 
     head = (tmp_path / "reconstructions.png").read_bytes()[:24]
