@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_speed_benchmark_tiny_on_four_simulated_devices(tmp_path):
     """Four CPU devices stand in for GPUs: the speed table, then a scaling row per device count 1, 2, 4."""
     out = tmp_path / "speed.md"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    # -O0: XLA's CPU backend compiles in about half the time, and nothing here is timed for real
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
     res = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--tiny", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

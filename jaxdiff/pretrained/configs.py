@@ -10,7 +10,6 @@ Absent keys take the library's defaults, as diffusers / transformers do.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax.numpy as jnp
 
