@@ -19,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from experiments.png import grid, upscale, write_png
-from jaxdiff import data, distributed, sampling, trainer
+from jaxdiff import data, distributed, sampling, specs, train, trainer
 from jaxdiff.checkpoint import CheckpointError, ConfigMismatch
 
 # the flag behind each setting a resume must match (ConfigMismatch names settings)
@@ -147,6 +147,17 @@ def compute_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def label_unet(args, images, p_uncond: float):
+    """The label U-Net the flags describe, its compute-dtype module, and its diffusion loss with labels
+    dropped to the null label with probability ``p_uncond`` (1.0: an unconditional model)."""
+    num_classes = data.NUM_CLASSES[args.dataset]
+    spec = specs.LabelUNet(num_classes=num_classes, channels=args.channels, blocks_per_level=args.blocks_per_level,
+                           attention_levels=args.attention_levels, image_shape=images.shape[1:])
+    module = spec.module(compute_dtype(args.dtype))
+    loss = train.diffusion_loss(spec.eps_model(module), spec.build_schedule(), p_uncond=p_uncond, null_label=num_classes)
+    return spec, module, loss
 
 
 def check_levels(args, num_levels: int):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, sampling, specs, train
+from jaxdiff import data, sampling
 from jaxdiff.judge import Judge
 from jaxdiff.pipeline import Pipeline
 
@@ -48,11 +48,7 @@ def run(args, out):
     common.check_levels(args, len(args.channels))
     images, labels = common.load_data(args)
     num_classes = data.NUM_CLASSES[args.dataset]
-    spec = specs.LabelUNet(num_classes=num_classes, channels=args.channels, blocks_per_level=args.blocks_per_level,
-                           attention_levels=args.attention_levels, image_shape=images.shape[1:])
-    module = spec.module(common.compute_dtype(args.dtype))
-    loss = train.diffusion_loss(spec.eps_model(module), spec.build_schedule(), p_uncond=args.p_uncond,
-                                null_label=num_classes)
+    spec, module, loss = common.label_unet(args, images, args.p_uncond)
     result = common.fit(args, spec, loss, images, labels, out,
                         meta={"dataset": args.dataset, "split": args.split, "p_uncond": args.p_uncond})
 

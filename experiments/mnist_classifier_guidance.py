@@ -34,10 +34,7 @@ def main(argv=None):
         dtype = common.compute_dtype(args.dtype)
         meta = {"dataset": args.dataset, "split": args.split}
         # an unconditional model is the conditional one with every label dropped to the null label
-        spec = specs.LabelUNet(num_classes=num_classes, channels=args.channels, blocks_per_level=args.blocks_per_level,
-                               attention_levels=args.attention_levels, image_shape=images.shape[1:])
-        unet = spec.module(dtype)
-        loss = train.diffusion_loss(spec.eps_model(unet), spec.build_schedule(), p_uncond=1.0, null_label=num_classes)
+        spec, unet, loss = common.label_unet(args, images, p_uncond=1.0)
         result = common.fit(args, spec, loss, images, labels, out / "unet", meta={**meta, "p_uncond": 1.0}, label="unet",
                             stage=True)
         cspec = specs.NoisyClassifier(num_classes=num_classes, channels=args.classifier_channels,

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from experiments import common
-from jaxdiff import data, sampling, specs, train
+from jaxdiff import data, sampling
 from jaxdiff.pipeline import Pipeline
 
 
@@ -26,10 +26,7 @@ def main(argv=None):
         common.check_levels(args, len(args.channels))
         images, labels = common.load_data(args)
         num_classes = data.NUM_CLASSES[args.dataset]
-        spec = specs.LabelUNet(num_classes=num_classes, channels=args.channels, blocks_per_level=args.blocks_per_level,
-                               attention_levels=args.attention_levels, image_shape=images.shape[1:])
-        module = spec.module(common.compute_dtype(args.dtype))
-        loss = train.diffusion_loss(spec.eps_model(module), spec.build_schedule(), p_uncond=0.0, null_label=num_classes)
+        spec, module, loss = common.label_unet(args, images, p_uncond=0.0)
         result = common.fit(args, spec, loss, images, labels, out,
                             meta={"dataset": args.dataset, "split": args.split, "p_uncond": 0.0})
         pipe = Pipeline.for_labels(spec, module, jax.device_get(result.state.ema_params))
