@@ -143,17 +143,24 @@ class Progress:
 
 class LossLog:
     """``step,loss`` rows in a CSV; a resumed run first drops the rows past its checkpoint. The file is
-    rewritten whole (and atomically) for each new batch of rows: a bucket (gs://) cannot append."""
+    rewritten whole (and atomically), since a bucket (gs://) cannot append: at most every
+    ``every_s`` seconds and on ``flush`` (at each checkpoint and at the end), so a long run does not
+    rewrite a growing file at every dispatch."""
 
-    def __init__(self, path, resume_step: int = 0):
-        self.path = epath.Path(path)
+    def __init__(self, path, resume_step: int = 0, every_s: float = 10.0):
+        self.path, self.every_s = epath.Path(path), every_s
         rows = self.path.read_text().splitlines() if resume_step and self.path.exists() else []
         self.rows = ["step,loss", *(r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step)]
-        self._write(self.rows)
+        self.flush()
 
     def append(self, first_step: int, losses) -> None:
         self.rows += [f"{first_step + i},{float(v):.6f}" for i, v in enumerate(losses)]
+        if time.monotonic() - self._written >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
         self._write(self.rows)
+        self._written = time.monotonic()
 
     def _write(self, rows) -> None:
         tmp = self.path.parent / (self.path.name + ".tmp")
@@ -242,6 +249,10 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
             show.update(step, k, float(losses.mean()))
         if ckpt is not None and (step % config.save_every == 0 or step == config.steps):
             ckpt.save(step, state, saved)
+            if log is not None:
+                log.flush()
+    if log is not None:
+        log.flush()
     if show:
         show.close()
     rate = warm_images / (time.perf_counter() - warm_t) if warm_images else float("nan")

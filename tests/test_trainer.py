@@ -130,3 +130,16 @@ def test_ema_samples_are_as_close_to_the_data_as_the_raw_parameters_after_a_shor
     raw, ema = distance(result.state.params), distance(result.state.ema_params)
     assert raw < 1.0, raw  # the model has learned something
     assert ema <= raw + 0.1, (ema, raw)
+
+
+def test_the_loss_log_rewrites_on_flush_and_a_resume_drops_rows_past_its_checkpoint(tmp_path):
+    path = tmp_path / "loss.csv"
+    log = trainer.LossLog(path, every_s=3600)
+    log.append(1, [0.5, 0.25])
+    assert path.read_text() == "step,loss\n"  # not rewritten at every dispatch
+    log.flush()
+    assert path.read_text() == "step,loss\n1,0.500000\n2,0.250000\n"
+    resumed = trainer.LossLog(path, resume_step=1, every_s=0)
+    assert path.read_text() == "step,loss\n1,0.500000\n"
+    resumed.append(2, [0.125])
+    assert path.read_text() == "step,loss\n1,0.500000\n2,0.125000\n" and not (tmp_path / "loss.csv.tmp").exists()
