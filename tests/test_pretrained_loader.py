@@ -775,6 +775,24 @@ def test_read_pipeline_index(tmp_path):
     assert set(idx.paths) == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
 
 
+def test_a_damaged_component_config_is_named(tmp_path):
+    """Every config file of the folder is read by one checked reader: a truncated unet/config.json is
+    a PipelineLayoutError naming it, not a bare JSONDecodeError."""
+    import shutil
+
+    from jaxdiff.pretrained.stable_diffusion import StableDiffusion
+
+    root = tmp_path / "sd"
+    shutil.copytree(pathlib.Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe", root)
+    config = root / "unet" / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(PipelineLayoutError, match=r"unet/config.json: not valid JSON"):
+        StableDiffusion.from_folder(root)
+    config.write_text("[1, 2]")
+    with pytest.raises(PipelineLayoutError, match=r"unet/config.json: expected a JSON object"):
+        StableDiffusion.from_folder(root)
+
+
 def test_read_pipeline_index_errors_name_what_is_missing(tmp_path):
     with pytest.raises(PipelineLayoutError, match="model_index.json: missing"):
         read_pipeline_index(tmp_path)

@@ -112,6 +112,21 @@ class PipelineIndex:
         return self.paths[name]
 
 
+def read_json(path: str | os.PathLike, error: type[ValueError] = PipelineLayoutError) -> dict:
+    """The JSON object in ``path``; ``error`` (naming the file) if it is missing, not JSON, or not an
+    object. Every config file of a diffusers folder is read through here."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: missing")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object")
+    return value
+
+
 def read_pipeline_index(folder: str | os.PathLike) -> PipelineIndex:
     """Read ``model_index.json`` and check the Stable Diffusion layout: unet, vae, text_encoder,
     tokenizer and scheduler listed with supported classes, each folder present with the file
@@ -124,12 +139,7 @@ def read_pipeline_index(folder: str | os.PathLike) -> PipelineIndex:
             f"{index_path}: missing; a diffusers pipeline folder has model_index.json next to unet/, vae/, "
             f"text_encoder/, tokenizer/ and scheduler/"
         )
-    try:
-        index = json.loads(index_path.read_text())
-    except ValueError as e:
-        raise PipelineLayoutError(f"{index_path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise PipelineLayoutError(f"{index_path}: expected a JSON object")
+    index = read_json(index_path)
     components = {}
     for name, value in index.items():
         if name.startswith("_"):

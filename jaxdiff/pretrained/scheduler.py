@@ -17,7 +17,6 @@ it). ``sampler_settings`` resolves exactly that; keyword overrides play ``from_c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxdiff import schedules
+from jaxdiff.pretrained.folder import read_json
 from jaxdiff.schedules import Schedule
 
 
@@ -106,13 +106,7 @@ def read_scheduler_config(source: str | os.PathLike | Mapping) -> dict:
         path = path / "scheduler_config.json"
     if not path.is_file():
         raise SchedulerConfigError(f"{path}: missing (expected a diffusers scheduler_config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise SchedulerConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise SchedulerConfigError(f"{path}: expected a JSON object")
-    return config
+    return read_json(path, SchedulerConfigError)
 
 
 def _get(config: Mapping, key: str, defaults: Mapping = COMMON_DEFAULTS):

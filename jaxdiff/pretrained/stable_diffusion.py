@@ -26,11 +26,6 @@ from jaxdiff.pretrained import folder as folders, scheduler, tokenizer as tokeni
 DIFFUSERS_SAMPLERS = {"ddim": "ddim", "dpm++": "dpm_solver_pp"}
 
 
-def read_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 class StableDiffusion:
     """The parts of one Stable Diffusion: specs (configs), parameters {"unet", "vae", "text"}, tokenizer and
     scheduler config; modules in compute ``dtype`` with ``attention`` (None: XLA; "cudnn": the fused
@@ -53,9 +48,9 @@ class StableDiffusion:
     @classmethod
     def from_folder(cls, root, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None):
         index = folders.read_pipeline_index(root)
-        unet = specs.StableDiffusionUNet.from_config(read_json(index["unet"] / "config.json"))
-        vae = specs.StableDiffusionAutoencoder.from_config(read_json(index["vae"] / "config.json"))
-        text = specs.CLIPText.from_config(read_json(index["text_encoder"] / "config.json"))
+        unet = specs.StableDiffusionUNet.from_config(folders.read_json(index["unet"] / "config.json"))
+        vae = specs.StableDiffusionAutoencoder.from_config(folders.read_json(index["vae"] / "config.json"))
+        text = specs.CLIPText.from_config(folders.read_json(index["text_encoder"] / "config.json"))
         params = {
             "unet": weights.load_params(unet.template(), index["unet"], variant=variant, name="unet"),
             "vae": weights.load_params(vae.template(), index["vae"], variant=variant, name="vae"),

@@ -20,12 +20,13 @@ The result is ``(ids, mask)``, int32 NumPy arrays of shape (N, model_max_length)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from jaxdiff.pretrained.folder import read_json
 
 # CLIP's pre-tokenisation pattern (Radford et al.), matched on lower-cased text
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -183,14 +184,9 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
 
 
 def _read_json(path: Path, required: bool = True):
-    if not path.is_file():
-        if required:
-            raise TokenizerConfigError(f"{path}: missing")
+    if not required and not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise TokenizerConfigError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, TokenizerConfigError)
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
