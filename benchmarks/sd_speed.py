@@ -113,8 +113,7 @@ def run_jaxdiff(args, attention) -> list[dict]:
 
 def run_diffusers(args, compiled: bool) -> list[dict]:
     import torch
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfg = configs(args.tiny)

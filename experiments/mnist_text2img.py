@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from experiments import common
-from experiments.mnist_autoencoder import add_flags as add_autoencoder_flags, train_autoencoder
+from experiments.mnist_autoencoder import add_flags as add_autoencoder_flags
+from experiments.mnist_autoencoder import train_autoencoder
 from jaxdiff import captions, data, specs, train
 from jaxdiff.judge import Judge
 from jaxdiff.nets.text import Tokenizer

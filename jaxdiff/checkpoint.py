@@ -188,7 +188,7 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.close()
 
-    def __enter__(self) -> "Checkpoints":
+    def __enter__(self) -> Checkpoints:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,7 @@ sees a sampler, and samplers never see conditions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -56,7 +56,7 @@ class Judge:
                                for i in range(0, len(images), self.batch)])
 
     @classmethod
-    def load(cls, directory) -> "Judge":
+    def load(cls, directory) -> Judge:
         from jaxdiff.pipeline import checkpoint_folder, load_model
 
         folder = checkpoint_folder(directory)
@@ -67,7 +67,7 @@ class Judge:
 
     @classmethod
     def train_or_load(cls, directory, images, labels, *, dataset: str, steps: int = 3000, batch_size: int = 256,
-                      seed: int = 0, progress: bool = True) -> "Judge":
+                      seed: int = 0, progress: bool = True) -> Judge:
         """The judge in ``directory``, trained there first (``steps`` steps of ``batch_size`` on the
         given training images) if it holds none. A judge of another dataset is refused."""
         folder = epath.Path(directory) / "checkpoints"

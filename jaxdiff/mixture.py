@@ -38,7 +38,7 @@ class GaussianMixture:
         return self.weights.shape[0]
 
     @classmethod
-    def create(cls, weights, means, covs) -> "GaussianMixture":
+    def create(cls, weights, means, covs) -> GaussianMixture:
         w, m, c = (np.asarray(a, np.float64) for a in (weights, means, covs))
         if w.ndim != 1 or m.ndim != 2 or c.ndim != 3 or not (len(w) == len(m) == len(c)):
             raise ValueError(f"need weights (K,), means (K, d), covs (K, d, d); got {w.shape}, {m.shape}, {c.shape}")

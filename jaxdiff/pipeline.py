@@ -112,7 +112,7 @@ class Pipeline:
         self._compiled = {}
 
     @classmethod
-    def for_labels(cls, spec: specs.LabelUNet, module, params, classifier=None) -> "Pipeline":
+    def for_labels(cls, spec: specs.LabelUNet, module, params, classifier=None) -> Pipeline:
         """A class-conditional U-Net; ``classifier`` = (NoisyClassifier spec, module, params) switches to
         classifier guidance of the U-Net's null-label eps."""
         eps = spec.eps_model(module)
@@ -130,14 +130,14 @@ class Pipeline:
                               spec.condition(), spec.sample_shape, spec=spec, classifier=logits), module)
 
     @classmethod
-    def for_low_res(cls, spec: specs.SuperRes, module, params) -> "Pipeline":
+    def for_low_res(cls, spec: specs.SuperRes, module, params) -> Pipeline:
         """A super-resolution U-Net reading [x_t, upsampled low-res image] as channels; gamma 1 by default."""
         eps = spec.eps_model(module)
         return _cast_once(cls(lambda p, x, t, c: eps(p["unet"], x, t, c), {"unet": params}, spec.build_schedule(),
                               spec.condition(), spec.sample_shape, spec=spec, default_gamma=1.0), module)
 
     @classmethod
-    def for_prompts(cls, spec: specs.LatentUNet, unet, params: dict, tokenizer, text_encoder, autoencoder) -> "Pipeline":
+    def for_prompts(cls, spec: specs.LatentUNet, unet, params: dict, tokenizer, text_encoder, autoencoder) -> Pipeline:
         """Latent diffusion: ``params`` = {"unet", "text", "autoencoder"}; the sampled latents are divided by
         ``spec.latent_scale`` and decoded. No clipping: latents are not bounded like pixels."""
         eps = spec.eps_model(unet)
@@ -148,7 +148,7 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, directory, step: int | None = None, dtype=jnp.float32,
-                        classifier_directory=None) -> "Pipeline":
+                        classifier_directory=None) -> Pipeline:
         """A run's output folder (or its checkpoints/): a label U-Net (mnist_cfg, mnist_cond), a
         super-resolution U-Net (mnist_superres), or a text-to-image run (the folder holding
         autoencoder/, clip/, ldm/). ``classifier_directory``: a noisy classifier for classifier guidance."""
@@ -170,7 +170,7 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
-                        offline: bool | None = None) -> "Pipeline":
+                        offline: bool | None = None) -> Pipeline:
         """Stable Diffusion (1.x, 2.x) from a diffusers folder, or a hub id when online::
 
             pipe = Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16, attention="cudnn")
@@ -185,14 +185,14 @@ class Pipeline:
                                                               offline=offline))
 
     @classmethod
-    def for_stable_diffusion(cls, sd) -> "Pipeline":
+    def for_stable_diffusion(cls, sd) -> Pipeline:
         """From loaded parts (``jaxdiff.pretrained.stable_diffusion.StableDiffusion``)."""
         return cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid)
 
     @classmethod
-    def _text_from_run(cls, root: epath.Path, dtype) -> "Pipeline":
+    def _text_from_run(cls, root: epath.Path, dtype) -> Pipeline:
         loaded = {s: load_model(checkpoint_folder(root / s), expect=k, dtype=dtype)
                   for s, k in zip(TEXT_STAGES, ("autoencoder", "contrastive_text", "latent_unet"))}
         clip_spec, (text, _), clip_params = loaded["clip"]

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.parametrization import eps_from_x0, x0_from_eps
-from jaxdiff.schedules import Schedule, check_timesteps, timesteps as make_timesteps
+from jaxdiff.schedules import Schedule, check_timesteps
+from jaxdiff.schedules import timesteps as make_timesteps
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 

@@ -33,7 +33,7 @@ class ScheduleSpec:
     max_beta: float | None = None
     betas: tuple[float, ...] | None = None
 
-    def build(self) -> "Schedule":
+    def build(self) -> Schedule:
         if self.kind in ("linear", "scaled_linear"):
             return _BUILDERS[self.kind](self.num_timesteps, self.beta_start, self.beta_end)
         if self.kind == "cosine":
@@ -46,7 +46,7 @@ class ScheduleSpec:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScheduleSpec":
+    def from_dict(cls, d: dict) -> ScheduleSpec:
         if not isinstance(d, dict) or d.get("kind") not in SCHEDULE_KINDS:
             raise ValueError(f"a schedule is a dict whose 'kind' is one of {SCHEDULE_KINDS}, got {d!r}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}

@@ -22,7 +22,8 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import numpy as np

@@ -8,6 +8,7 @@ from conftest import assign
 
 from jaxdiff import guidance, sampling
 
+
 def points(n, d=2, scale=2.0, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(n, d)) * scale, jnp.float32)
 

@@ -5,7 +5,8 @@ linear regression of eps on x_t; Tweedie's mean is the Gaussian posterior mean).
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import mixture, parametrization as P, schedules
+from jaxdiff import mixture, schedules
+from jaxdiff import parametrization as P
 
 
 def close(got, expected, tol=2e-5):

@@ -11,7 +11,6 @@ import pytest
 from jaxdiff import data, schedules, specs, train, trainer
 from jaxdiff.pipeline import Pipeline
 
-
 SD_PIPE = Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe"
 
 

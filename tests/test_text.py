@@ -7,8 +7,8 @@ import pytest
 
 from jaxdiff import captions
 from jaxdiff.nets.text import ImageEncoder, TextEncoder, Tokenizer
-from jaxdiff.train import clip_loss
 from jaxdiff.nets.unet import textbook_unet
+from jaxdiff.train import clip_loss
 
 TOK = Tokenizer.from_texts(captions.all_texts("mnist"), max_len=8)
 

@@ -11,7 +11,8 @@ Both encoders give the mean and log-variance (clipped to [-30, 20]) of a diagona
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -5,7 +5,8 @@ with a learned temperature that trains them together."""
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ class Tokenizer:
         return re.findall(r"[a-z]+|\d", text.lower())
 
     @classmethod
-    def from_texts(cls, texts, max_len: int = 16) -> "Tokenizer":
+    def from_texts(cls, texts, max_len: int = 16) -> Tokenizer:
         return cls(sorted({w for t in texts for w in cls.words(t)}), max_len)
 
     def __len__(self) -> int:

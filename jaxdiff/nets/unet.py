@@ -17,14 +17,23 @@ cross-attention and context_mask (B, L) boolean (True = a real token). Returns e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.nets.layers import (Attention, ConvBlock, Downsample, ResnetBlock, Transformer2D, Upsample,
-                                 group_norm, sinusoidal_embedding)
+from jaxdiff.nets.layers import (
+    Attention,
+    ConvBlock,
+    Downsample,
+    ResnetBlock,
+    Transformer2D,
+    Upsample,
+    group_norm,
+    sinusoidal_embedding,
+)
 
 RESNETS = ("resnet", "conv_block")
 DOWNSAMPLES = ("conv", "max_pool")

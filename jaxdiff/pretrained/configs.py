@@ -10,7 +10,6 @@ Absent keys take the library's defaults, as diffusers / transformers do.
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 
 from jaxdiff.nets.autoencoder import AutoencoderKL

@@ -20,7 +20,9 @@ import numpy as np
 
 from jaxdiff import conditions, specs
 from jaxdiff.parametrization import eps_from_v
-from jaxdiff.pretrained import folder as folders, scheduler, tokenizer as tokenizers, weights
+from jaxdiff.pretrained import folder as folders
+from jaxdiff.pretrained import scheduler, weights
+from jaxdiff.pretrained import tokenizer as tokenizers
 
 # jaxdiff's sampler names -> the diffusers scheduler whose timestep grid they take
 DIFFUSERS_SAMPLERS = {"ddim": "ddim", "dpm++": "dpm_solver_pp"}
