@@ -29,7 +29,8 @@ import numpy as np
 from benchmarks.speed import JaxBench
 from jaxdiff import guidance, sampling, schedules, train
 
-KINDS = [("convolution", r"conv(?!ert)|cudnn|implicit_?gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|sm\d+_xmma|fprop|dgrad|wgrad"),
+KINDS = [("convolution", r"conv(?!ert)|cudnn|implicit_?gemm|xmma_fprop|xmma_dgrad|xmma_wgrad|sm\d+_xmma"
+                         r"|fprop|dgrad|wgrad"),
          ("matrix product", r"gemm|cublas|cutlass|triton_gemm|matmul|nvjet|sm90_x?mma"),
          ("copy / transpose", r"copy|transpose|memcpy|memset"),
          ("fusion", r"fusion|loop_|input_|reduce|triton"),

@@ -97,7 +97,7 @@ def run_jaxdiff(args, attention) -> list[dict]:
     pipe = Pipeline.for_stable_diffusion(sd)
     rows = []
     for b in args.batches:
-        call = lambda: np.asarray(pipe([PROMPT] * b, gamma=7.5, sampler="dpm++", steps=args.steps, seed=0,
+        call = lambda b=b: np.asarray(pipe([PROMPT] * b, gamma=7.5, sampler="dpm++", steps=args.steps, seed=0,
                                        height=args.size, width=args.size))
         first, sec = timed(call, args.repeats)
         stats = jax.devices()[0].memory_stats() or {}
@@ -134,7 +134,7 @@ def run_diffusers(args, compiled: bool) -> list[dict]:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     rows = []
     for b in args.batches:
-        def call():
+        def call(b=b):
             with torch.no_grad():
                 out = pipe([PROMPT] * b, num_inference_steps=args.steps, guidance_scale=7.5, height=args.size,
                            width=args.size, output_type="np").images
@@ -197,8 +197,8 @@ def table(results: dict, args) -> str:
             rate = r["batch"] / r["seconds"]
             mine = ours.get(r["batch"])
             ratio = f"{(mine['batch'] / mine['seconds']) / rate:.2f}x" if mine else "-"
-            lines.append(f"| {impl} | {r['batch']} | {r['seconds']:.3f} | {rate:.2f} | {r['seconds'] / r['batch']:.3f} | "
-                         f"{r['first']:.1f} | {r['peak'] / 2**30:.2f} | {ratio} |")
+            lines.append(f"| {impl} | {r['batch']} | {r['seconds']:.3f} | {rate:.2f} | "
+                         f"{r['seconds'] / r['batch']:.3f} | {r['first']:.1f} | {r['peak'] / 2**30:.2f} | {ratio} |")
         if "error" in res:
             lines.append(f"| {impl} | - | failed: {res['error']} | | | | | |")
     return "\n".join(lines) + "\n"

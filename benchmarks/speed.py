@@ -73,7 +73,8 @@ class JaxBench:
         self.model = textbook_unet(channels=args.channels, dtype=dtype)
         self.sched = schedules.linear(args.timesteps)
         x = jnp.zeros((1, 28, 28, 1))
-        self.params = textbook_unet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+        self.params = textbook_unet(channels=args.channels).init(jax.random.key(0), x, jnp.ones((1,), jnp.int32),
+                                                                  jnp.zeros((1,), jnp.int32))
         self.tx = train.make_optimizer(train.OptimConfig())
         self.loss = train.diffusion_loss(self.model.apply, self.sched, p_uncond=0.1, null_label=10)
 
@@ -115,7 +116,8 @@ class JaxBench:
             return sampling.ddpm(eps, self.sched, jax.random.normal(k1, (labels.shape[0], 28, 28, 1)), key=k2)
 
         labels = jnp.arange(batch) % 10
-        sec = timed(lambda: generate(self.params, labels, jax.random.key(1)).block_until_ready(), self.args.sample_repeats)
+        sec = timed(lambda: generate(self.params, labels, jax.random.key(1)).block_until_ready(),
+                    self.args.sample_repeats)
         return batch / sec
 
 
@@ -142,7 +144,8 @@ def torch_rows(args, jax_train, jax_sample):
         return []
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     known = {"compiled": ("torch bf16+CL+compile", True, True), "eager": ("torch eager f32", False, False)}
-    variants = [known[v] for v in args.torch_variants if v == "eager" or dev.type == "cuda" or args.torch_compile_on_cpu]
+    variants = [known[v] for v in args.torch_variants
+                if v == "eager" or dev.type == "cuda" or args.torch_compile_on_cpu]
     rows = []
     for name, bf16, fast in variants:
         torch.manual_seed(0)
@@ -160,7 +163,7 @@ def torch_rows(args, jax_train, jax_sample):
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (batch,), device=dev)
 
-            def run():
+            def run(step=step, x=x, y=y, sync=sync):
                 for _ in range(args.steps_per_dispatch):
                     step(x, y)
                 sync()
@@ -174,7 +177,7 @@ def torch_rows(args, jax_train, jax_sample):
         for batch in args.sample_batches:
             labels = torch.arange(batch, device=dev) % 10
 
-            def gen():
+            def gen(net=net, labels=labels, bf16=bf16, fast=fast, sync=sync):
                 torch_twin.cfg_ddpm_sample(net, labels, 3.0, args.timesteps, bf16=bf16, channels_last=fast)
                 sync()
 
@@ -241,8 +244,8 @@ def main(argv=None):
             scaling.append((k, per * k, rate_k))
             log(f"data parallel on {k} devices, global batch {per * k}: {rate_k:,.1f} images/s")
         one = scaling[0][2]
-        info.append(f"data parallel, per-device batch {per}: {n} devices {scaling[-1][2]:,.0f} img/s against 1 device's "
-                    f"{one:,.0f}, speed-up {scaling[-1][2] / one:.2f}x")
+        info.append(f"data parallel, per-device batch {per}: {n} devices {scaling[-1][2]:,.0f} img/s against "
+                    f"1 device's {one:,.0f}, speed-up {scaling[-1][2] / one:.2f}x")
     if args.torch == "auto":
         rows += torch_rows(args, jax_train, jax_sample)
 
@@ -251,7 +254,8 @@ def main(argv=None):
               f"jaxdiff compute {jnp.dtype(dtype).name}")
     lines = [header]
     if rows:
-        lines += ["", "| implementation | work | batch | images/s | jaxdiff / this |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| implementation | work | batch | images/s | jaxdiff / this |",
+                  "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:,.1f} | {r[4]:.2f} |" for r in rows]
     if scaling:
         lines += ["", f"Data-parallel training, {args.train_batches[-1]} images per device per step:", "",

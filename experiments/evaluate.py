@@ -34,8 +34,8 @@ def parse_samplers(s: str):
     for item in s.split(","):
         name, _, steps = item.partition(":")
         if name not in sampling.SAMPLERS or (steps and not steps.isdigit()) or (steps and int(steps) < 1):
-            raise argparse.ArgumentTypeError(f"samplers look like ddpm,ddim:50,dpm++:20 (names {tuple(sampling.SAMPLERS)}); "
-                                             f"got {item!r}")
+            raise argparse.ArgumentTypeError(f"samplers look like ddpm,ddim:50,dpm++:20 (names "
+                                             f"{tuple(sampling.SAMPLERS)}); got {item!r}")
         info = sampling.SAMPLERS[name]
         out.append((name, None if info.default_steps is None else int(steps or info.default_steps)))
     return out
@@ -81,8 +81,8 @@ def run(args, out):
         chunk = min(args.sample_batch, n)
         pipe(labels[:chunk], gamma=gamma, sampler=sampler, steps=steps, seed=args.seed)  # compile, untimed
         t0 = time.perf_counter()
-        imgs = np.concatenate([pipe(labels[i : i + chunk], gamma=gamma, sampler=sampler, steps=steps, seed=args.seed + i)
-                               for i in range(0, n, chunk)])
+        imgs = np.concatenate([pipe(labels[i : i + chunk], gamma=gamma, sampler=sampler, steps=steps,
+                                    seed=args.seed + i) for i in range(0, n, chunk)])
         seconds = time.perf_counter() - t0
         nfe = sampling.nfe(sampler, steps, pipe.schedule)
         rows.append(dict(guidance=kind, sampler=sampler, nfe=nfe, gamma=gamma, fid=judge.fid(imgs, ref),
@@ -121,9 +121,10 @@ def write_outputs(args, out, rows, test_acc, floor, n_floor, n_test):
     lines = [f"Dataset {args.dataset}; evaluation classifier test accuracy {test_acc:.4f}; FID floor "
              f"(real train {n_floor} vs real test {n_test}) {floor:.3f}; {args.num_samples} samples per row; "
              f"{jax.device_count()} x {jax.devices()[0].device_kind}.", "",
-             "| guidance | sampler | NFE | gamma | FID | accuracy | seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['guidance']} | {r['sampler']} | {r['nfe']} | {r['gamma']:g} | {r['fid']:.3f} | {r['accuracy']:.4f} | "
-              f"{r['seconds']:.1f} |" for r in rows]
+             "| guidance | sampler | NFE | gamma | FID | accuracy | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['guidance']} | {r['sampler']} | {r['nfe']} | {r['gamma']:g} | {r['fid']:.3f} | "
+              f"{r['accuracy']:.4f} | {r['seconds']:.1f} |" for r in rows]
     if jax.process_index() != 0:
         return
     (out / "quality.md").write_text("\n".join(lines) + "\n")
@@ -138,8 +139,9 @@ def plot_quality(path, rows, floor):
         return
     fig, (acc_ax, fid_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for key in dict.fromkeys((r["guidance"], r["sampler"], r["nfe"]) for r in rows):
-        series = sorted((r["gamma"], r["accuracy"], r["fid"]) for r in rows if (r["guidance"], r["sampler"], r["nfe"]) == key)
-        g, acc, fid = zip(*series)
+        series = sorted((r["gamma"], r["accuracy"], r["fid"]) for r in rows
+                        if (r["guidance"], r["sampler"], r["nfe"]) == key)
+        g, acc, fid = zip(*series, strict=True)
         name = f"{key[0]}, {key[1]}, {key[2]} NFE"
         acc_ax.plot(g, acc, marker="o", label=name)
         fid_ax.plot(g, fid, marker="o", label=name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ def panels(path, titled_points, suptitle):
         return
     fig, axes = plt.subplots(1, len(titled_points), figsize=(2.6 * len(titled_points), 2.9), dpi=100,
                              sharex=True, sharey=True)
-    for ax, (title, x, lab) in zip(np.atleast_1d(axes), titled_points):
+    for ax, (title, x, lab) in zip(np.atleast_1d(axes), titled_points, strict=True):
         ax.scatter(x[:, 0], x[:, 1], c=lab, cmap="tab10", vmin=0, vmax=9, s=1, alpha=0.3, rasterized=True)
         ax.set(title=title, xlim=(-EXTENT, EXTENT), ylim=(-EXTENT, EXTENT), aspect="equal")
         ax.set_xlabel("x1")
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     print(f"{'sampler':<18}{'NFE':>6}{'seconds':>9}{'max |dw|':>10}{'max |dmean|':>13}{'max rel dcov':>14}")
     for name, steps in RUNS:
         t0 = time.perf_counter()
-        x = np.asarray(jax.jit(lambda: sampling.run(name, eps_fn, sched, x_T, key=key_run, steps=steps))())
+        x = np.asarray(jax.jit(partial(sampling.run, name, eps_fn, sched, x_T, key=key_run, steps=steps))())
         dt = time.perf_counter() - t0
         lab, w, m, c = stats(gm, x)
         rel = max(np.linalg.norm(c[k] - tc[k]) / np.linalg.norm(tc[k]) for k in range(3))

@@ -50,7 +50,8 @@ class Judge:
     def _chunks(self, fn, images):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[1:] != tuple(self.spec.image_shape):
-            raise ValueError(f"the judge reads uint8 images of shape (N, {', '.join(map(str, self.spec.image_shape))}), "
+            shape = ", ".join(map(str, self.spec.image_shape))
+            raise ValueError(f"the judge reads uint8 images of shape (N, {shape}), "
                              f"got {images.dtype} {images.shape}")
         return np.concatenate([np.asarray(fn(self.params, images[i : i + self.batch]))
                                for i in range(0, len(images), self.batch)])
