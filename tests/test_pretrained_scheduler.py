@@ -326,6 +326,6 @@ def test_long_timestep_lists_are_shortened_in_messages():
     with pytest.raises(SchedulerConfigError) as err:
         S.sampler_setup(CONFIGS["sd15"], 1000, "dpm_solver_pp")
     msg = str(err.value)
-    assert "repeats a timestep" in msg and "(1001 values)" in msg and len(msg) < 300
+    assert "repeats a timestep (diffusers' tau [500] of [999, 998, 997, ..., 3, 2, 1] (1000 values))" in msg
     with pytest.raises(SchedulerConfigError, match=r"\[1000, 999, 998, \.\.\., 3, 2, 1\] \(1000 values\)"):
         S.sampler_setup(CONFIGS["sd15"], 1000, "ddim")

@@ -375,8 +375,9 @@ def sampler_setup(
         grid = np.delete(grid, -2)
     if not np.all(np.diff(grid) < 0):
         raise SchedulerConfigError(
-            f"{name} with timestep_spacing={spacing!r} at {steps} steps repeats a timestep ({brief(grid - 1)}, "
-            f"diffusers' tau): jaxdiff's samplers need strictly decreasing timesteps"
+            f"{name} with timestep_spacing={spacing!r} at {steps} steps repeats a timestep (diffusers' tau "
+            f"{brief(grid[:-1][np.diff(grid) >= 0] - 1)} of {brief(grid[:-1] - 1)}): jaxdiff's samplers need strictly "
+            f"decreasing timesteps; use fewer steps"
         )
     return SamplerSetup(grid.astype(np.int32), clip, final_first, settings)
 
