@@ -329,3 +329,31 @@ def test_long_timestep_lists_are_shortened_in_messages():
     assert "repeats a timestep (diffusers' tau [500] of [999, 998, 997, ..., 3, 2, 1] (1000 values))" in msg
     with pytest.raises(SchedulerConfigError, match=r"\[1000, 999, 998, \.\.\., 3, 2, 1\] \(1000 values\)"):
         S.sampler_setup(CONFIGS["sd15"], 1000, "ddim")
+
+
+def test_the_sd_pipeline_hands_the_flags_to_sampling_run(monkeypatch):
+    """What Pipeline.sample passes on for a sigma_min DPM-Solver config and a clipping DDIM config
+    (sampling.run replaced by a recorder, so no network runs)."""
+    import jax
+
+    from jaxdiff import pipeline as P
+    from jaxdiff.pretrained import stable_diffusion
+
+    sd = stable_diffusion.load(pathlib.Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe", offline=True)
+    pipe = P.Pipeline.for_stable_diffusion(sd)
+    pipe.decode = None
+    seen = []
+
+    def record(name, eps_fn, schedule, x_T, **kwargs):
+        seen.append((name, {k: kwargs.get(k) for k in ("clip_x0", "final_first_order")}))
+        return x_T
+
+    monkeypatch.setattr(P.sampling, "run", record)
+    for config, sampler, want in [
+        ({**sd.scheduler_config, "final_sigmas_type": "sigma_min"}, "dpm++",
+         {"clip_x0": None, "final_first_order": True}),
+        ({**sd.scheduler_config, "clip_sample": True}, "ddim", {"clip_x0": 1.0, "final_first_order": None}),
+    ]:
+        sd.scheduler_config = config  # read by sd.sampler_options at each call
+        jax.block_until_ready(pipe.sample(["a cat"], sampler=sampler, steps=10, height=16, width=16))
+        assert seen[-1] == (sampler, want)
