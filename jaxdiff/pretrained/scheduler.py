@@ -426,7 +426,8 @@ def _dpm_grid(s: dict, T: int, steps: int, spacing: str, offset: int) -> tuple[n
 
 
 def _betas_for_clip(s: dict) -> np.ndarray:
-    return np.asarray(schedule_from_config(s).betas, np.float64)
+    # only the schedule's keys: the rest were checked (and any unknown one named) when the config was read
+    return np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).betas, np.float64)
 
 
 def describe(setup: SamplerSetup) -> dict[str, Any]:
