@@ -97,13 +97,16 @@ class Pipeline:
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
                  classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
-                 encode=None, grid=None):
+                 encode=None, grid=None, sampler_options=None):
         self.eps_model, self.params, self.schedule, self.condition = eps_model, params, schedule, condition
         self.sample_shape, self.decode, self.spec = tuple(sample_shape), decode, spec
         self.classifier, self.default_gamma, self.clip_x0 = classifier, default_gamma, clip_x0
         # latent_size = (factor, default image size): images of any height and width that are multiples
         # of factor, sampled as latents of (height / factor, width / factor, sample_shape[-1])
         self.latent_size, self.encode, self.grid = latent_size, encode, grid
+        # sampler_options(sampler, steps) -> the settings besides the grid that reproduce a scheduler
+        # config (DDIM's clip_x0, DPM-Solver++'s final_first_order); an explicit clip_x0 overrides its
+        self.sampler_options = sampler_options
         # the U-Net's compute dtype: its float32 parameters are cast once per call, before the sampling
         # loop, rather than by every layer at every step (XLA left those casts in the loop)
         self.compute_dtype = None
@@ -189,7 +192,8 @@ class Pipeline:
         """From loaded parts (``jaxdiff.pretrained.stable_diffusion.StableDiffusion``)."""
         return cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
-                   latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid)
+                   latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
+                   sampler_options=sd.sampler_options)
 
     @classmethod
     def _text_from_run(cls, root: epath.Path, dtype) -> Pipeline:
@@ -240,7 +244,10 @@ class Pipeline:
         else:
             uncond = conditions.broadcast(self.condition.host(negative, role="negative"), n, "negative")
         gamma = check_gamma(self.default_gamma if gamma is None else gamma, n)
-        clip_x0 = self.clip_x0 if clip_x0 == "auto" else clip_x0
+        options = dict(self.sampler_options(sampler, steps)) if self.sampler_options is not None and isinstance(
+            sampler, str) else {}
+        config_clip = options.pop("clip_x0", self.clip_x0)
+        clip_x0 = config_clip if isinstance(clip_x0, str) and clip_x0 == "auto" else clip_x0
         shape = self._shape(height, width)
         grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else None
         start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
@@ -250,7 +257,7 @@ class Pipeline:
             latents = np.asarray(latents, np.float32)
             if latents.shape != (n, *shape):
                 raise ValueError(f"latents must have shape {(n, *shape)} (one per image), got {latents.shape}")
-        sig = (sampler, steps, eta, clip_x0, shape, grid)
+        sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())))
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
         return self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed), latents, image)
@@ -292,7 +299,8 @@ class Pipeline:
             raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps")
         return start, np.broadcast_to(arr, want).astype(np.float32) / 127.5 - 1.0
 
-    def _generate(self, sampler, steps, eta, clip_x0, shape, grid, params, cond, uncond, gamma, key, latents, image):
+    def _generate(self, sampler, steps, eta, clip_x0, shape, grid, options, params, cond, uncond, gamma, key, latents,
+                  image):
         n = gamma.shape[0]
         if self.compute_dtype is not None and "unet" in params:
             cast = lambda a: a.astype(self.compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
@@ -316,7 +324,7 @@ class Pipeline:
             x0 = sampler(eps_fn, self.schedule, x_T, key=run_keys, steps=steps, timesteps=timesteps, clip_x0=clip_x0)
         else:
             x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
-                              timesteps=timesteps)
+                              timesteps=timesteps, **dict(options))
         return x0 if self.decode is None else self.decode(params, x0)
 
 

@@ -12,6 +12,14 @@ depends on its own key alone, not on the batch it was drawn in. Deterministic sa
 With ``return_trajectory`` a sampler returns ``(x_0, xs)``, xs the states from x_T on, shape
 (len(timesteps), B, ...).
 
+Dtypes: ``x_T`` must be a floating-point array (an integer or bool ``x_T`` is refused with a
+ValueError). The loop carries its state in float32, or in x_T's dtype where that is wider, whatever
+``eps_fn`` returns, and the result (and trajectory) comes back in x_T's dtype: a bfloat16 or float16
+``x_T`` runs the same in every sampler, with the sampler's own arithmetic in float32 (over tens of
+steps bf16 rounding of the state would add up), while ``eps_fn`` decides its own compute dtype.
+``key`` may be a typed key (``jax.random.key``) or a legacy uint32 key (``jax.random.PRNGKey``),
+one or one per example; both give the same noise.
+
 The samplers know nothing of labels, guidance or parameters. ``t`` reaches ``eps_fn`` as an int32
 array of shape (B,), in 1..T (see ``jaxdiff.schedules``). Wrap the code that builds ``eps_fn``
 in one ``jit`` so that a new key or condition reuses the compiled program::
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -67,7 +76,13 @@ def noise_like(key, x):
 def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: bool = False):
     """Run ``step(x, carry, inputs_i, key_i) -> (x, carry)`` over the leading axis of the pytree
     ``inputs`` in one ``lax.scan``. ``key_i`` is ``key`` folded with i (per example if ``key`` is
-    per example; None if ``key`` is None). Returns x, or (x, trajectory) with x_T first."""
+    per example; None if ``key`` is None). Returns x, or (x, trajectory) with x_T first.
+
+    The dtype rule of the module docstring: x_T floating, the state carried in ``work_dtype(x_T)``
+    (x and each carry leaf keep the dtype they start with), the result cast back to x_T's dtype."""
+    out_dtype = check_x_T(x_T)
+    x_T = jnp.asarray(x_T).astype(work_dtype(x_T))
+    key = None if key is None else as_key(key, x_T)
     n = jax.tree.leaves(inputs)[0].shape[0]
     index = jnp.arange(n)
 
@@ -75,13 +90,45 @@ def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: b
         x, c = state
         i, inp = scanned
         k = None if key is None else _fold(key, i)
-        x_next, c = step(x, c, inp, k)
-        return (x_next.astype(x.dtype), c), (x if return_trajectory else None)
+        x_next, c_next = step(x, c, inp, k)
+        c_next = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), c_next, c)
+        return (x_next.astype(x.dtype), c_next), (x if return_trajectory else None)
 
     (x, _), xs = jax.lax.scan(body, (x_T, carry), (index, inputs))
     if return_trajectory:
-        return x, jnp.concatenate([xs, x[None]])
-    return x
+        return x.astype(out_dtype), jnp.concatenate([xs, x[None]]).astype(out_dtype)
+    return x.astype(out_dtype)
+
+
+def check_x_T(x_T):
+    """x_T's dtype, after checking that x_T is a floating-point array with a leading batch axis."""
+    dtype = getattr(x_T, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"x_T must be a floating-point array (e.g. float32), got {dtype or type(x_T).__name__}")
+    if x_T.ndim < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"x_T must have a leading batch axis, got shape {x_T.shape}")
+    return dtype
+
+
+def work_dtype(x_T):
+    """The dtype a sampler's state is carried in: float32, or x_T's if wider (float64 under x64)."""
+    return jnp.promote_types(x_T.dtype, jnp.float32)
+
+
+def as_key(key, x_T):
+    """A typed PRNG key, one or one per example, from a typed key or a legacy uint32 key
+    (``jax.random.PRNGKey``: its data in a trailing axis)."""
+    if not jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+        data_shape = jax.random.key_data(jax.random.key(0)).shape
+        if jnp.result_type(key) != jnp.uint32 or jnp.shape(key)[-1:] != data_shape:
+            raise ValueError(f"key must be a PRNG key (jax.random.key(seed), or a legacy uint32 jax.random.PRNGKey of "
+                             f"shape {data_shape}), one or one per example, got {jnp.result_type(key)} of shape "
+                             f"{jnp.shape(key)}")
+        key = jax.random.wrap_key_data(key)
+    if jnp.ndim(key) not in (0, 1) or (jnp.ndim(key) == 1 and key.shape[0] != x_T.shape[0]):
+        raise ValueError(f"key must be one PRNG key or one per example ({x_T.shape[0]}), got keys of shape "
+                         f"{jnp.shape(key)}")
+    return key
 
 
 def _fold(key, i):
@@ -112,9 +159,16 @@ def euler_step(x, eps, *, abar_t, abar_s):
     return jnp.sqrt(abar_s) * (x / jnp.sqrt(abar_t) + (sigma_of(abar_s) - sigma_of(abar_t)) * eps)
 
 
-def dpm_solver_pp_coefficients(schedule: Schedule, ts) -> dict:
+def dpm_solver_pp_coefficients(schedule: Schedule, ts, *, final_first_order: bool = False) -> dict:
     """Per-step coefficients of DPM-Solver++(2M) on the grid ``ts`` (its endpoint last), computed once,
-    outside the loop: x_s = ratio x + scale D, D = x0 + w (x0 - x0_prev)."""
+    outside the loop: x_s = ratio x + scale D, D = x0 + w (x0 - x0_prev).
+
+    The first step is first order (w = 0), and so is a step to t = 0 (lambda there is infinite).
+    ``final_first_order`` makes the last step first order whatever its endpoint, as diffusers'
+    DPMSolverMultistepScheduler does on a "sigma_min" grid (endpoint t = 1) with ``euler_at_final``
+    or with ``lower_order_final`` under 15 steps (``pretrained.scheduler.sampler_setup`` says which)."""
+    if not isinstance(final_first_order, (bool, np.bool_)):
+        raise ValueError(f"final_first_order must be True or False, got {final_first_order!r}")
     t, s = ts[:-1], ts[1:]
     abar_t, abar_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
     alpha_t, sigma_t = jnp.sqrt(abar_t), jnp.sqrt(1 - abar_t)
@@ -126,8 +180,9 @@ def dpm_solver_pp_coefficients(schedule: Schedule, ts) -> dict:
     h = lam_s - lam_t
     h_prev = jnp.concatenate([jnp.ones((1,)), h[:-1]])
     first = jnp.arange(len(t)) == 0
+    last = (jnp.arange(len(t)) == len(t) - 1) & bool(final_first_order)
     return dict(t=jnp.asarray(t), abar=abar_t, ratio=sigma_s / sigma_t, scale=alpha_s - alpha_t * sigma_s / sigma_t,
-                w=jnp.where(first | final, 0.0, h / (2 * h_prev)))
+                w=jnp.where(first | final | last, 0.0, h / (2 * h_prev)))
 
 
 def dpm_solver_pp_step(x, x0, x0_prev, *, ratio, scale, w):
@@ -139,11 +194,19 @@ def dpm_solver_pp_step(x, x0, x0_prev, *, ratio, scale, w):
 # ----------------------------------------------------------------------------- samplers
 
 
-def _check_common(x_T, clip_x0) -> None:
-    if getattr(x_T, "ndim", 0) < 1 or x_T.shape[0] < 1:
-        raise ValueError(f"x_T must have a leading batch axis, got shape {getattr(x_T, 'shape', None)}")
-    if clip_x0 is not None and not (isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool) and clip_x0 > 0):
+def _is_real(v) -> bool:
+    """A concrete real number: Python's or NumPy's (np.float32 is no float), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_common(x_T, clip_x0):
+    """x_T checked (the dtype rule), and clip_x0 as a float or None."""
+    check_x_T(x_T)
+    if clip_x0 is None:
+        return None
+    if not (_is_real(clip_x0) and math.isfinite(clip_x0) and clip_x0 > 0):
         raise ValueError(f"clip_x0 must be None or a positive number, got {clip_x0!r}")
+    return float(clip_x0)
 
 
 def _grid(schedule, steps, timesteps, spacing):
@@ -155,13 +218,13 @@ def _grid(schedule, steps, timesteps, spacing):
 def _check_key(key, name, x_T):
     if key is None:
         raise ValueError(f"{name} draws noise: pass key= (one PRNG key, or one per example)")
-    if jnp.ndim(key) not in (0, 1) or (jnp.ndim(key) == 1 and key.shape[0] != x_T.shape[0]):
-        raise ValueError(f"key must be one PRNG key or one per example ({x_T.shape[0]}), got shape {jnp.shape(key)}")
+    return as_key(key, x_T)
 
 
-def _check_eta(eta):
-    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+def _check_eta(eta) -> float:
+    if not (_is_real(eta) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    return float(eta)
 
 
 def ddpm(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, clip_x0=None, variance: str = "beta",
@@ -172,8 +235,8 @@ def ddpm(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, clip_x0=None, vari
     at t = 1. ``variance="beta"`` is sigma_t^2 = beta_t (the textbook's);
     ``"posterior"`` is beta_t (1 - abar_{t-1}) / (1 - abar_t).
     """
-    _check_common(x_T, clip_x0)
-    _check_key(key, "ddpm", x_T)
+    clip_x0 = _check_common(x_T, clip_x0)
+    key = _check_key(key, "ddpm", x_T)
     if variance not in ("beta", "posterior"):
         raise ValueError(f"variance must be 'beta' or 'posterior', got {variance!r}")
     ts = jnp.arange(schedule.num_timesteps, 0, -1, dtype=jnp.int32)
@@ -195,10 +258,10 @@ def ddim(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 50, t
          clip_x0=None, spacing: str = "uniform", return_trajectory: bool = False):
     """DDIM (Song et al.): eta = 0 is deterministic (the probability-flow ODE, first order),
     eta = 1 matches DDPM's posterior variance at each jump."""
-    _check_common(x_T, clip_x0)
-    _check_eta(eta)
+    clip_x0 = _check_common(x_T, clip_x0)
+    eta = _check_eta(eta)
     if eta > 0:
-        _check_key(key, "ddim with eta > 0", x_T)
+        key = _check_key(key, "ddim with eta > 0", x_T)
     ts = _grid(schedule, steps, timesteps, spacing)
     t, s = jnp.asarray(ts[:-1]), jnp.asarray(ts[1:])
 
@@ -213,30 +276,33 @@ def ddim(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 50, t
 
 
 def dpm_solver_pp(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 20, timesteps=None, clip_x0=None,
-                  spacing: str = "logsnr", return_trajectory: bool = False):
+                  spacing: str = "logsnr", final_first_order: bool = False, return_trajectory: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in the data prediction.
 
     With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
     h = lambda_s - lambda_t, one step from t to s is
     x_s = sigma_s / sigma_t x_t + (alpha_s - alpha_t sigma_s / sigma_t) D, where
     D = x0_t + h / (2 h_prev) (x0_t - x0_prev). The first step and a step to t = 0 are first
-    order, so the last returns D = x0_t itself.
+    order, so the last returns D = x0_t itself; ``final_first_order`` makes the last step first
+    order on any grid (see ``dpm_solver_pp_coefficients``).
     """
-    _check_common(x_T, clip_x0)
-    coef = dpm_solver_pp_coefficients(schedule, _grid(schedule, steps, timesteps, spacing))
+    clip_x0 = _check_common(x_T, clip_x0)
+    coef = dpm_solver_pp_coefficients(schedule, _grid(schedule, steps, timesteps, spacing),
+                                      final_first_order=final_first_order)
 
     def step(x, x0_prev, c, _):
         _, x0 = predict(eps_fn, x, c["t"], c["abar"], clip_x0)
         return dpm_solver_pp_step(x, x0, x0_prev, ratio=c["ratio"], scale=c["scale"], w=c["w"]), x0
 
-    return sample_loop(step, x_T, coef, carry=jnp.zeros_like(x_T), return_trajectory=return_trajectory)
+    return sample_loop(step, x_T, coef, carry=jnp.zeros(jnp.shape(x_T), work_dtype(x_T)),
+                       return_trajectory=return_trajectory)
 
 
 def euler(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 20, timesteps=None, clip_x0=None,
           spacing: str = "logsnr", return_trajectory: bool = False):
     """Euler's method on the probability-flow ODE in sigma = sqrt((1 - abar) / abar) (Karras et al.'s
     and k-diffusion's ``sample_euler``): the same path as DDIM with eta = 0, derived apart."""
-    _check_common(x_T, clip_x0)
+    clip_x0 = _check_common(x_T, clip_x0)
     ts = _grid(schedule, steps, timesteps, spacing)
     t, s = jnp.asarray(ts[:-1]), jnp.asarray(ts[1:])
 
@@ -254,7 +320,7 @@ def heun(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 18, t
     then the trapezoid of the slopes at both ends. The step to t = 0 stays Euler; its second
     evaluation is computed (at t = 1) and discarded, since a ``jnp.where`` replaces a branch in
     the loop, so it costs 2 * steps network evaluations."""
-    _check_common(x_T, clip_x0)
+    clip_x0 = _check_common(x_T, clip_x0)
     ts = _grid(schedule, steps, timesteps, spacing)
     t, s = jnp.asarray(ts[:-1]), jnp.asarray(ts[1:])
 
@@ -275,9 +341,9 @@ def euler_ancestral(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: 
     """k-diffusion's ``sample_euler_ancestral``: from sigma_t down to sigma_down by Euler, then fresh
     noise up to sigma_s, sigma_up = min(sigma_s, eta sqrt(sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2)).
     With eta = 1 it is DDIM with eta = 1 in other coordinates."""
-    _check_common(x_T, clip_x0)
-    _check_eta(eta)
-    _check_key(key, "euler_ancestral", x_T)
+    clip_x0 = _check_common(x_T, clip_x0)
+    eta = _check_eta(eta)
+    key = _check_key(key, "euler_ancestral", x_T)
     ts = _grid(schedule, steps, timesteps, spacing)
     t, s = jnp.asarray(ts[:-1]), jnp.asarray(ts[1:])
 
@@ -310,7 +376,8 @@ class SamplerInfo:
     evals_per_step: int = 1
 
     def nfe(self, steps: int | None, schedule: Schedule) -> int:
-        n = schedule.num_timesteps if self.default_steps is None else (steps or self.default_steps)
+        n = schedule.num_timesteps if self.default_steps is None else (
+            self.default_steps if steps is None else check_steps(steps))
         return self.evals_per_step * n
 
 
@@ -341,11 +408,14 @@ def nfe(name: str, steps: int | None, schedule: Schedule) -> int:
 def run(name: str, eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int | None = None, timesteps=None,
         eta: float | None = None, clip_x0=None, **kwargs):
     """Call sampler ``name`` with only the settings it takes (DDPM ignores steps, only DDIM and
-    Euler ancestral take eta, only the stochastic ones a key)."""
+    Euler ancestral take eta, only the stochastic ones a key). ``steps=None`` is the sampler's
+    default; any other value must be a positive integer, even where DDPM ignores it."""
     info = get(name)
+    if steps is not None:
+        steps = check_steps(steps)
     if info.default_steps is not None:
         kwargs["timesteps"] = timesteps
-        kwargs["steps"] = steps or info.default_steps
+        kwargs["steps"] = info.default_steps if steps is None else steps
     if info.takes_eta and eta is not None:
         kwargs["eta"] = eta
     return info.fn(eps_fn, schedule, x_T, key=key, clip_x0=clip_x0, **kwargs)

@@ -147,7 +147,18 @@ def expand_to(a: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def add_noise(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """Sample q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t of shape (B,) or scalar."""
+    """Sample q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, t of shape (B,) or scalar.
+
+    A concrete t must be integers in 1..T (the gather would clamp others silently); a traced t
+    (under ``jit``) is not checked."""
+    if not isinstance(t, jax.core.Tracer):
+        arr = np.asarray(t)
+        T = schedule.num_timesteps
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"t must be integer timesteps in 1..{T}, got {arr.dtype} values {brief(arr)}")
+        bad = arr[(arr < 1) | (arr > T)]
+        if bad.size:
+            raise ValueError(f"t must be in 1..{T} (the schedule's timesteps), got {brief(bad)}")
     abar = expand_to(schedule.alpha_bar(t), x0)
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 
@@ -193,5 +204,15 @@ def check_timesteps(schedule: Schedule, ts) -> np.ndarray:
         raise ValueError(f"timesteps must be a 1-D integer array of at least 2 values (the last is the endpoint), "
                          f"got {arr.dtype} of shape {arr.shape}")
     if np.any(np.diff(arr) >= 0) or arr[0] > T or arr[-1] < 0:
-        raise ValueError(f"timesteps must decrease strictly within {T}..0, got {arr.tolist()}")
+        raise ValueError(f"timesteps must decrease strictly within {T}..0, got {brief(arr)}")
     return arr.astype(np.int32)
+
+
+def brief(values, keep: int = 3) -> str:
+    """A list of values for a message: all of a short one; the first and last ``keep`` of a long one
+    and how many there are (an error must stay one readable line at 1,000 timesteps)."""
+    values = np.asarray(values).ravel().tolist()
+    if len(values) <= 2 * keep + 1:
+        return str(values)
+    head, tail = ", ".join(map(str, values[:keep])), ", ".join(map(str, values[-keep:]))
+    return f"[{head}, ..., {tail}] ({len(values)} values)"

@@ -208,3 +208,152 @@ def test_in_memory_diffusers_config_drops_keys_filled_by_default():
         S.inference_timesteps(live, 20, "dpm_solver_pp").tolist()
         == S.inference_timesteps(CONFIGS["sd15"], 20, "dpm_solver_pp").tolist()
     )
+
+
+SAMPLES = FIXTURE["samples"]
+
+
+def sample_id(r):
+    return f"{r['config']}-{r['steps']}-" + ",".join(f"{k}={v}" for k, v in r["overrides"].items())
+
+
+@pytest.mark.parametrize("r", SAMPLES, ids=[sample_id(r) for r in SAMPLES])
+def test_dpm_solver_pp_runs_equal_diffusers_end_to_end(r):
+    """Whole runs against diffusers' step(): the order of the last step on a sigma_min grid (first
+    under 15 steps or with euler_at_final, second otherwise) changes x0 by ~0.1-0.2 here, the bound is 1e-5."""
+    import jax.numpy as jnp
+
+    from jaxdiff import sampling
+
+    config = CONFIGS[r["config"]]
+    setup = S.sampler_setup(config, r["steps"], "dpm_solver_pp", **r["overrides"])
+    assert (setup.timesteps[:-1] - 1).tolist() == r["timesteps"]
+    schedule = S.schedule_from_config(config)
+    var = r["data_std"] ** 2
+
+    def eps_fn(x, t):  # the optimal predictor for data N(0, var), as the fixture script's
+        abar = schedule.alpha_bar(t)[:, None]
+        return jnp.sqrt(1 - abar) * x / (abar * var + 1 - abar)
+
+    x = sampling.dpm_solver_pp(eps_fn, schedule, jnp.asarray(r["x_T"], jnp.float32), timesteps=setup.timesteps,
+                               final_first_order=setup.final_first_order)
+    np.testing.assert_allclose(np.asarray(x, np.float64), r["x0"], atol=1e-5)
+
+
+def test_the_final_order_flag_reaches_the_coefficients():
+    """The issue's probe: a 10-step sigma_min grid ends at t = 1, and its last step is first order."""
+    import jax.numpy as jnp
+
+    from jaxdiff import sampling
+
+    cfg = {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+           "beta_end": 0.012, "final_sigmas_type": "sigma_min", "steps_offset": 1}
+    setup = S.sampler_setup(cfg, 10, "dpm_solver_pp")
+    assert setup.final_first_order and setup.timesteps[-1] == 1
+    ts = jnp.asarray(setup.timesteps)
+    w = sampling.dpm_solver_pp_coefficients(S.schedule_from_config(cfg), ts, final_first_order=True)["w"]
+    assert float(w[-1]) == 0.0 and float(w[0]) == 0.0 and np.all(np.asarray(w[1:-1]) > 0)
+    w2 = sampling.dpm_solver_pp_coefficients(S.schedule_from_config(cfg), ts)["w"]
+    assert float(w2[-1]) > 0  # without the flag only a step to t = 0 is first order
+
+
+def test_stable_diffusion_passes_the_setup_flags_to_its_samplers():
+    from jaxdiff.pretrained.stable_diffusion import _frozen, _setup
+
+    sigma_min = {**CONFIGS["sd15"], "final_sigmas_type": "sigma_min"}
+    assert _setup(_frozen(sigma_min), "dpm_solver_pp", 10)[2] is True
+    assert _setup(_frozen(sigma_min), "dpm_solver_pp", 20)[2] is False
+    # a DDIMScheduler file without clip_sample clips x0 at 1 in diffusers (the class default)
+    ddim = {k: v for k, v in CONFIGS["sd21"].items() if k != "clip_sample"}
+    assert _setup(_frozen(ddim), "ddim", 20)[1] == 1.0
+    assert _setup(_frozen(CONFIGS["sd21"]), "ddim", 20)[1] is None
+
+
+def test_class_keys_are_diffusers_constructor_keys():
+    assert sorted(S.SUPPORTED_CLASSES) == sorted(FIXTURE["class_keys"])
+    for cls, keys in FIXTURE["class_keys"].items():
+        assert sorted(S.CLASS_KEYS[cls]) == keys, cls
+    for key in (*S.DDIM_DEFAULTS, *S.DPM_DEFAULTS):
+        assert key in S.KNOWN_KEYS
+
+
+def test_an_unsupported_scheduler_class_is_refused(tmp_path):
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    for reader in (S.schedule_from_config, S.prediction_type, lambda c: S.sampler_settings(c, "ddim")):
+        with pytest.raises(SchedulerConfigError, match="'FlowMatchEulerDiscreteScheduler' is not supported") as err:
+            reader(flow)
+        assert "DDIMScheduler" in str(err.value) and "EulerDiscreteScheduler" in str(err.value)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(flow))
+    with pytest.raises(SchedulerConfigError, match=r"scheduler_config.json: scheduler class"):
+        S.read_scheduler_config(tmp_path)
+    # every supported class reads as the same betas
+    for cls in S.SUPPORTED_CLASSES:
+        assert S.schedule_from_config({**CONFIGS["sd15"], "_class_name": cls}).spec == S.schedule_from_config(
+            CONFIGS["sd15"]).spec
+
+
+def test_unknown_keys_are_named_with_the_closest_known_one(capsys):
+    S._warned.clear()
+    typo = {**CONFIGS["sd15"], "beta_shedule": "linear"}
+    S.schedule_from_config(typo)
+    S.prediction_type(typo)  # read again: no second line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unknown scheduler key 'beta_shedule' (did you mean 'beta_schedule'?) is ignored" in err
+    # an override is the caller's own typo: refused
+    with pytest.raises(SchedulerConfigError, match=r"unknown scheduler setting 'timestep_spaceing' \(did you mean "
+                                                   r"'timestep_spacing'\?\)"):
+        S.sampler_setup(CONFIGS["sd15"], 20, "ddim", timestep_spaceing="trailing")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"beta_start": "abc"}, r"beta_start must be a number, got 'abc'"),
+        ({"beta_end": True}, "beta_end must be a number"),
+        ({"num_train_timesteps": 1000.0}, "num_train_timesteps must be an integer"),
+        ({"trained_betas": ["x"]}, "trained_betas must be null or a list of numbers"),
+        ({"steps_offset": "1"}, "steps_offset must be an integer"),
+        ({"set_alpha_to_one": 0}, "set_alpha_to_one must be true or false"),
+    ],
+)
+def test_mistyped_values_are_named(change, match):
+    with pytest.raises(SchedulerConfigError, match=match):
+        S.sampler_setup({**CONFIGS["sd15"], **change}, 20, "ddim")
+
+
+def test_long_timestep_lists_are_shortened_in_messages():
+    with pytest.raises(SchedulerConfigError) as err:
+        S.sampler_setup(CONFIGS["sd15"], 1000, "dpm_solver_pp")
+    msg = str(err.value)
+    assert "repeats a timestep (diffusers' tau [500] of [999, 998, 997, ..., 3, 2, 1] (1000 values))" in msg
+    with pytest.raises(SchedulerConfigError, match=r"\[1000, 999, 998, \.\.\., 3, 2, 1\] \(1000 values\)"):
+        S.sampler_setup(CONFIGS["sd15"], 1000, "ddim")
+
+
+def test_the_sd_pipeline_hands_the_flags_to_sampling_run(monkeypatch):
+    """What Pipeline.sample passes on for a sigma_min DPM-Solver config and a clipping DDIM config
+    (sampling.run replaced by a recorder, so no network runs)."""
+    import jax
+
+    from jaxdiff import pipeline as P
+    from jaxdiff.pretrained import stable_diffusion
+
+    sd = stable_diffusion.load(pathlib.Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe", offline=True)
+    pipe = P.Pipeline.for_stable_diffusion(sd)
+    pipe.decode = None
+    seen = []
+
+    def record(name, eps_fn, schedule, x_T, **kwargs):
+        seen.append((name, {k: kwargs.get(k) for k in ("clip_x0", "final_first_order")}))
+        return x_T
+
+    monkeypatch.setattr(P.sampling, "run", record)
+    for config, sampler, want in [
+        ({**sd.scheduler_config, "final_sigmas_type": "sigma_min"}, "dpm++",
+         {"clip_x0": None, "final_first_order": True}),
+        ({**sd.scheduler_config, "clip_sample": True}, "ddim", {"clip_x0": 1.0, "final_first_order": None}),
+    ]:
+        sd.scheduler_config = config  # read by sd.sampler_options at each call
+        jax.block_until_ready(pipe.sample(["a cat"], sampler=sampler, steps=10, height=16, width=16))
+        assert seen[-1] == (sampler, want)

@@ -329,3 +329,75 @@ def test_bad_arguments(linear_schedule):
         sampling.ddim(toy_eps, linear_schedule, jnp.zeros(()), steps=5)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         sampling.run("plms", toy_eps, linear_schedule, x)
+
+
+ALL = list(sampling.SAMPLERS)
+
+
+
+def run_small(name, x_T, **kwargs):
+    s, _ = small_schedule()
+    return sampling.run(name, toy_eps, s, x_T, key=jax.random.key(0), steps=3, **kwargs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_dtype_rule_for_every_sampler(name):
+    """x_T must be floating; bf16 runs like float32 (the state carried in float32) and comes back bf16."""
+    x_T = np.random.default_rng(7).normal(size=(2, 3))
+    for bad in (jnp.zeros((2, 3), jnp.int32), np.zeros((2, 3), bool)):
+        with pytest.raises(ValueError, match="x_T must be a floating-point array"):
+            run_small(name, bad)
+    x_bf16 = jnp.asarray(x_T, jnp.bfloat16)
+    low, xs = run_small(name, x_bf16, return_trajectory=True)
+    assert low.dtype == xs.dtype == jnp.bfloat16 and xs.shape == ((51 if name == "ddpm" else 4), 2, 3)
+    # the float32 run from the same (bf16-rounded) start, rounded to bf16 once at the end
+    same = run_small(name, x_bf16.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(low, np.float32), same, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.0, True, "3"])
+def test_run_refuses_step_counts_that_are_not_positive_integers(linear_schedule, steps):
+    for name in ("ddim", "ddpm"):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            sampling.run(name, toy_eps, linear_schedule, jnp.zeros((1, 2)), key=jax.random.key(0), steps=steps)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        sampling.nfe("ddim", steps, linear_schedule)
+
+
+def test_numpy_numbers_and_legacy_keys_are_accepted():
+    s, _ = small_schedule()
+    x_T = jnp.asarray(np.random.default_rng(8).normal(size=(2, 3)), jnp.float32)
+    plain = sampling.ddim(toy_eps, s, x_T, key=jax.random.key(3), steps=4, eta=0.5, clip_x0=1.5)
+    numpy = sampling.ddim(toy_eps, s, x_T, key=jax.random.key(3), steps=4, eta=np.float32(0.5),
+                          clip_x0=np.float32(1.5))
+    np.testing.assert_array_equal(plain, numpy)
+    # a legacy uint32 key holds the same bits as the typed key of the same seed: the same noise
+    typed = sampling.euler_ancestral(toy_eps, s, x_T, key=jax.random.key(3), steps=4)
+    np.testing.assert_array_equal(sampling.euler_ancestral(toy_eps, s, x_T, key=jax.random.PRNGKey(3), steps=4), typed)
+    per_example = jax.random.split(jax.random.PRNGKey(3), 2)  # (2, 2) uint32: one legacy key per example
+    typed = sampling.ddpm(toy_eps, s, x_T, key=jax.random.wrap_key_data(per_example))
+    np.testing.assert_array_equal(sampling.ddpm(toy_eps, s, x_T, key=per_example), typed)
+    with pytest.raises(ValueError, match=r"key must be a PRNG key .* got int32 of shape \(3,\)"):
+        sampling.ddpm(toy_eps, s, x_T, key=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"one per example \(2\), got keys of shape \(3,\)"):
+        sampling.ddpm(toy_eps, s, x_T, key=jax.random.split(jax.random.PRNGKey(0), 3))
+    for bad in (np.bool_(True), float("inf")):
+        with pytest.raises(ValueError, match="eta must be a finite number"):
+            sampling.ddim(toy_eps, s, x_T, key=jax.random.key(0), steps=4, eta=bad)
+        with pytest.raises(ValueError, match="clip_x0 must be None or a positive number"):
+            sampling.ddim(toy_eps, s, x_T, steps=4, clip_x0=bad)
+
+
+def test_final_first_order_ends_with_the_predicted_x0_step():
+    """With the flag, the last step of a grid ending at t > 0 is the first-order (DDIM) jump from x0_t:
+    on the same grid and state, a DDIM step from the second-to-last sample gives the same x."""
+    s, abar = small_schedule()
+    ts = np.array([50, 30, 15, 6, 2], np.int32)
+    x_T = jnp.asarray(np.random.default_rng(9).normal(size=(3, 2)), jnp.float32)
+    _, xs = sampling.dpm_solver_pp(toy_eps, s, x_T, timesteps=ts, final_first_order=True, return_trajectory=True)
+    second = sampling.dpm_solver_pp(toy_eps, s, x_T, timesteps=ts)
+    ddim_last = sampling.ddim(toy_eps, s, xs[-2], timesteps=ts[-2:])
+    np.testing.assert_allclose(xs[-1], ddim_last, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(second) - np.asarray(xs[-1])).max() > 1e-3
+    with pytest.raises(ValueError, match="final_first_order must be True or False"):
+        sampling.dpm_solver_pp(toy_eps, s, x_T, timesteps=ts, final_first_order="yes")

@@ -108,3 +108,17 @@ def test_spec_rebuilds_the_same_schedule_through_json(make):
     assert again.spec == s.spec
     np.testing.assert_array_equal(again.betas, s.betas)
     np.testing.assert_array_equal(again.alpha_bars, s.alpha_bars)
+
+
+def test_add_noise_refuses_concrete_timesteps_outside_1_to_T(linear_schedule):
+    x = jnp.zeros((3, 2))
+    for t, match in [(jnp.array([0, 5, 7]), r"t must be in 1..1000 \(the schedule's timesteps\), got \[0\]"),
+                     (np.array([1, 1001, 2000]), r"got \[1001, 2000\]"),
+                     (np.arange(-20, 0), r"got \[-20, -19, -18, \.\.\., -3, -2, -1\] \(20 values\)"),
+                     (jnp.array([1.0, 2.0, 3.0]), "t must be integer timesteps in 1..1000, got float32")]:
+        with pytest.raises(ValueError, match=match):
+            schedules.add_noise(linear_schedule, x, t, x)
+    # under jit t is traced: no check, so the training step compiles as before
+    out = jax.jit(lambda t: schedules.add_noise(linear_schedule, x + 1, t, x))(jnp.array([1, 1000, 1]))
+    assert out.shape == (3, 2)
+    assert schedules.brief(range(7)) == "[0, 1, 2, 3, 4, 5, 6]"

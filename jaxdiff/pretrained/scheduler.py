@@ -13,12 +13,23 @@ that is the same as: the keys written in the file, and the new class's defaults 
 key (``PNDMScheduler``'s default ``timestep_spacing="leading"`` does NOT carry over into
 DPM-Solver's "linspace"; a file saved by ``save_pretrained``, which writes every key, does carry
 it). ``sampler_settings`` resolves exactly that; keyword overrides play ``from_config(config, **kw)``.
+
+What is checked: the class (``_class_name``) must be one of ``SUPPORTED_CLASSES``, the diffusers
+schedulers over the same discrete beta schedule (a flow-matching or EDM scheduler is refused, not
+read as default betas). A key that none of those classes takes is named in one ``warning:`` line on
+stderr with the closest known key, and otherwise ignored, as diffusers itself ignores it (with a
+logged warning), so a folder that loads in diffusers loads here; an unknown key passed as a keyword
+override is a caller's typo and raises. The keys jaxdiff reads must have their JSON type
+(``beta_start: "abc"`` raises, naming beta_start).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +38,7 @@ import numpy as np
 
 from jaxdiff import schedules
 from jaxdiff.pretrained.folder import read_json
-from jaxdiff.schedules import Schedule
+from jaxdiff.schedules import Schedule, brief
 
 
 class SchedulerConfigError(ValueError):
@@ -80,6 +91,61 @@ SAMPLERS = {
 }
 _ALIASES = {cls: name for name, (cls, _) in SAMPLERS.items()}
 
+# The diffusers classes (0.42.1) whose config is a discrete beta schedule read as jaxdiff reads it,
+# each with the keys its constructor takes (recorded by make_scheduler_fixtures.py; a test compares).
+_BETAS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_THRESHOLD = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+_FLOW = ("use_flow_sigmas", "flow_shift", "use_dynamic_shifting", "time_shift_type")
+_SPACING = ("timestep_spacing", "steps_offset")
+CLASS_KEYS = {
+    "DDPMScheduler": (*_BETAS, *_THRESHOLD, *_SPACING, "variance_type", "clip_sample", "clip_sample_range",
+                      "rescale_betas_zero_snr"),
+    "DDIMScheduler": (*_BETAS, *_THRESHOLD, *_SPACING, "clip_sample", "set_alpha_to_one", "clip_sample_range",
+                      "rescale_betas_zero_snr"),
+    "PNDMScheduler": (*_BETAS, *_SPACING, "skip_prk_steps", "set_alpha_to_one"),
+    "LMSDiscreteScheduler": (*_BETAS, *_SIGMAS, *_SPACING),
+    "EulerDiscreteScheduler": (*_BETAS, *_SIGMAS, *_SPACING, "interpolation_type", "sigma_min", "sigma_max",
+                               "timestep_type", "rescale_betas_zero_snr", "final_sigmas_type"),
+    "EulerAncestralDiscreteScheduler": (*_BETAS, *_SPACING, "rescale_betas_zero_snr"),
+    "HeunDiscreteScheduler": (*_BETAS, *_SIGMAS, *_SPACING, "clip_sample", "clip_sample_range"),
+    "DPMSolverMultistepScheduler": (*_BETAS, *_THRESHOLD, *_SIGMAS, *_FLOW, *_SPACING, "solver_order",
+                                    "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+                                    "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped", "variance_type",
+                                    "rescale_betas_zero_snr"),
+    "DPMSolverSinglestepScheduler": (*_BETAS, *_THRESHOLD, *_SIGMAS, *_FLOW, "solver_order", "algorithm_type",
+                                     "solver_type", "lower_order_final", "final_sigmas_type", "lambda_min_clipped",
+                                     "variance_type"),
+    "KDPM2DiscreteScheduler": (*_BETAS, *_SIGMAS, *_SPACING),
+    "KDPM2AncestralDiscreteScheduler": (*_BETAS, *_SIGMAS, *_SPACING),
+    "DEISMultistepScheduler": (*_BETAS, *_THRESHOLD, *_SIGMAS, *_FLOW, *_SPACING, "solver_order", "algorithm_type",
+                               "solver_type", "lower_order_final"),
+    "UniPCMultistepScheduler": (*_BETAS, *_THRESHOLD, *_SIGMAS, *_FLOW, *_SPACING, "solver_order", "predict_x0",
+                                "solver_type", "lower_order_final", "disable_corrector", "solver_p",
+                                "final_sigmas_type", "rescale_betas_zero_snr", "sigma_min", "sigma_max",
+                                "shift_terminal"),
+}
+SUPPORTED_CLASSES = tuple(CLASS_KEYS)
+KNOWN_KEYS = frozenset(k for keys in CLASS_KEYS.values() for k in keys)
+
+# The JSON type of each key jaxdiff reads: (accepts, what to say).
+_REAL = (lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)), "a number")
+_INT = (lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)), "an integer")
+_BOOL = (lambda v: isinstance(v, (bool, np.bool_)), "true or false")
+_STR = (lambda v: isinstance(v, str), "a string")
+_TYPES = {
+    "num_train_timesteps": _INT, "beta_start": _REAL, "beta_end": _REAL, "beta_schedule": _STR,
+    "trained_betas": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_REAL[0](b) for b in v)),
+                      "null or a list of numbers"),
+    "prediction_type": _STR, "thresholding": _BOOL, "rescale_betas_zero_snr": _BOOL, "clip_sample": _BOOL,
+    "clip_sample_range": _REAL, "set_alpha_to_one": _BOOL, "steps_offset": _INT, "timestep_spacing": _STR,
+    "solver_order": _INT, "algorithm_type": _STR, "solver_type": _STR, "lower_order_final": _BOOL,
+    "euler_at_final": _BOOL, "use_karras_sigmas": _BOOL, "use_exponential_sigmas": _BOOL, "use_beta_sigmas": _BOOL,
+    "use_lu_lambdas": _BOOL, "use_flow_sigmas": _BOOL, "final_sigmas_type": _STR, "lambda_min_clipped": _REAL,
+    "variance_type": (lambda v: v is None or isinstance(v, str), "null or a string"), "use_dynamic_shifting": _BOOL,
+}
+_warned: set[str] = set()
+
 
 class SamplerSetup(NamedTuple):
     """What a jaxdiff sampler needs to reproduce one diffusers scheduler run.
@@ -98,15 +164,47 @@ class SamplerSetup(NamedTuple):
 
 
 def read_scheduler_config(source: str | os.PathLike | Mapping) -> dict:
-    """The config dict from a ``scheduler/`` folder, a ``scheduler_config.json`` path, or a dict."""
+    """The config dict from a ``scheduler/`` folder, a ``scheduler_config.json`` path, or a dict,
+    checked: a supported class (a dict without ``_class_name`` is taken as one), known keys (an
+    unknown one is named in a warning line, once), and the types of the keys jaxdiff reads."""
     if isinstance(source, Mapping):
-        return dict(source)
-    path = Path(source)
-    if path.is_dir():
-        path = path / "scheduler_config.json"
-    if not path.is_file():
-        raise SchedulerConfigError(f"{path}: missing (expected a diffusers scheduler_config.json)")
-    return read_json(path, SchedulerConfigError)
+        config, where = dict(source), "scheduler config"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "scheduler_config.json"
+        if not path.is_file():
+            raise SchedulerConfigError(f"{path}: missing (expected a diffusers scheduler_config.json)")
+        config, where = read_json(path, SchedulerConfigError), str(path)
+    cls = config.get("_class_name", SUPPORTED_CLASSES[0])
+    if cls not in CLASS_KEYS:
+        raise SchedulerConfigError(
+            f"{where}: scheduler class {cls!r} is not supported: jaxdiff reads the discrete beta schedules of "
+            f"{', '.join(SUPPORTED_CLASSES)}"
+        )
+    for key in config:
+        if not key.startswith("_") and key not in KNOWN_KEYS:
+            _warn(f"{where}: unknown scheduler key {key!r}{_closest(key)} is ignored (as diffusers ignores it)")
+    _check_types(config, where)
+    return config
+
+
+def _closest(key: str) -> str:
+    near = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _warn(message: str) -> None:
+    # one line per distinct message: every reader of a config re-reads it
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _check_types(config: Mapping, where: str) -> None:
+    for key, value in config.items():
+        if key in _TYPES and not _TYPES[key][0](value):
+            raise SchedulerConfigError(f"{where}: {key} must be {_TYPES[key][1]}, got {value!r}")
 
 
 def _get(config: Mapping, key: str, defaults: Mapping = COMMON_DEFAULTS):
@@ -174,6 +272,10 @@ def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overri
     Refuses settings that jaxdiff's sampler cannot reproduce."""
     name = _sampler_name(sampler)
     config = read_scheduler_config(config)
+    for key in overrides:
+        if key not in KNOWN_KEYS:
+            raise SchedulerConfigError(f"unknown scheduler setting {key!r}{_closest(key)}")
+    _check_types(overrides, "scheduler setting")
     defaults = SAMPLERS[name][1]
     used = [k for k in config.get("_use_default_values", []) if k in config]
     settings = {k: v for k, v in config.items() if not k.startswith("_") and k not in used}
@@ -266,15 +368,16 @@ def sampler_setup(
     if np.any(taus < 0) or np.any(taus > T - 1):
         raise SchedulerConfigError(
             f"{name} with timestep_spacing={spacing!r}, steps_offset={offset} at {steps} steps gives timesteps "
-            f"outside 0..{T - 1}: {taus.tolist()}"
+            f"outside 0..{T - 1}: {brief(taus)}"
         )
     grid = np.append(taus + 1, endpoint).astype(np.int64)
     if len(grid) > 2 and grid[-1] == grid[-2]:
         grid = np.delete(grid, -2)
     if not np.all(np.diff(grid) < 0):
         raise SchedulerConfigError(
-            f"{name} with timestep_spacing={spacing!r} at {steps} steps repeats a timestep ({(grid - 1).tolist()}, "
-            f"diffusers' tau): jaxdiff's samplers need strictly decreasing timesteps"
+            f"{name} with timestep_spacing={spacing!r} at {steps} steps repeats a timestep (diffusers' tau "
+            f"{brief(grid[:-1][np.diff(grid) >= 0] - 1)} of {brief(grid[:-1] - 1)}): jaxdiff's samplers need strictly "
+            f"decreasing timesteps; use fewer steps"
         )
     return SamplerSetup(grid.astype(np.int32), clip, final_first, settings)
 
@@ -323,7 +426,8 @@ def _dpm_grid(s: dict, T: int, steps: int, spacing: str, offset: int) -> tuple[n
 
 
 def _betas_for_clip(s: dict) -> np.ndarray:
-    return np.asarray(schedule_from_config(s).betas, np.float64)
+    # only the schedule's keys: the rest were checked (and any unknown one named) when the config was read
+    return np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).betas, np.float64)
 
 
 def describe(setup: SamplerSetup) -> dict[str, Any]:

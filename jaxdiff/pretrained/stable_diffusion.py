@@ -89,7 +89,16 @@ class StableDiffusion:
         samplers diffusers has no twin of here (they take jaxdiff's own grid)."""
         if sampler not in DIFFUSERS_SAMPLERS:
             return None
-        return _grid(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)
+        return _setup(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)[0]
+
+    def sampler_options(self, sampler: str, steps: int) -> dict:
+        """The settings besides the grid with which jaxdiff's ``sampler`` reproduces diffusers' run
+        (``sampler_setup``'s flags): DDIM's ``clip_x0`` (``clip_sample``, in latent space as diffusers
+        clips), DPM-Solver++'s ``final_first_order``; {} for samplers without a diffusers twin."""
+        if sampler not in DIFFUSERS_SAMPLERS:
+            return {}
+        _, clip_x0, final_first_order = _setup(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)
+        return {"clip_x0": clip_x0} if sampler == "ddim" else {"final_first_order": final_first_order}
 
 
 def _frozen(config: dict):
@@ -97,14 +106,18 @@ def _frozen(config: dict):
 
 
 @lru_cache(maxsize=64)
-def _grid(config_json: str, sampler: str, steps: int) -> tuple:
+def _setup(config_json: str, sampler: str, steps: int) -> tuple:
+    """(grid, clip_x0, final_first_order) of ``scheduler.sampler_setup``, hashable and cached."""
     config = json.loads(config_json)
     try:
-        return tuple(int(t) for t in scheduler.inference_timesteps(config, steps, sampler))
+        setup = scheduler.sampler_setup(config, steps, sampler)
     except scheduler.SchedulerConfigError as err:
+        if "no jaxdiff grid reproduces it exactly" not in str(err):
+            raise
         # diffusers' DDIM steps by a fixed stride that no one grid reproduces for some spacings
         print(f"warning: {err}; using the listed timesteps, which differs from diffusers here", file=sys.stderr)
-        return tuple(int(t) for t in scheduler.inference_timesteps(config, steps, sampler, strict=False))
+        setup = scheduler.sampler_setup(config, steps, sampler, strict=False)
+    return tuple(int(t) for t in setup.timesteps), setup.clip_x0, setup.final_first_order
 
 
 def load(model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
