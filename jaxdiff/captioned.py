@@ -148,11 +148,15 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
-def _walk_images(folder: Path) -> list[Path]:
+def _walk_images(folder: Path, metadata_below: list | None = None) -> list[Path]:
+    """Every image under ``folder`` (hidden files and folders left out), sorted by path; metadata files
+    found in sub-folders are appended to ``metadata_below``."""
     out = []
     for dirpath, dirnames, files in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out += [Path(dirpath) / f for f in sorted(files) if _is_image(Path(f))]
+        if metadata_below is not None and Path(dirpath) != folder:
+            metadata_below += [Path(dirpath) / f for f in files if f in METADATA_FILES]
     return sorted(out, key=lambda p: p.relative_to(folder).parts)
 
 
@@ -199,8 +203,12 @@ def _from_metadata(folder: Path, meta: Path, column: str, problems) -> list[Exam
 
 
 def _from_caption_files(folder: Path, extension: str, problems) -> list[Example]:
-    examples = []
-    for p in _walk_images(folder):
+    examples, metadata_below = [], []
+    images = _walk_images(folder, metadata_below)
+    if metadata_below:  # an ImageFolder of splits (train/metadata.jsonl, ...): one split is one folder
+        raise CaptionFolderError(f"{folder}: no metadata.jsonl at the top, but {metadata_below[0]} below it: pass "
+                                 f"the folder that holds the metadata file (one split)")
+    for p in images:
         top = p.relative_to(folder).parts
         repeat = REPEAT_FOLDER.match(top[0]) if len(top) > 1 else None
         caption_file = p.with_suffix(extension)
@@ -247,6 +255,8 @@ def load_image(path: str | os.PathLike, resolution: int, *, crop: str = "center"
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit greyscale (PNG): to 8 bits, not clipped at 255
+                im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8), "L")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 im = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -426,13 +436,15 @@ class LatentCache:
         tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
         try:
             views = 2 if meta["flips"] else 1
             latents = None
             n = len(images)
             for start in range(0, n, batch_size):
                 chunk = list(range(start, min(start + batch_size, n)))
-                pixels = np.stack([load_image(images.examples[i].path, meta["resolution"]) for i in chunk])
+                pixels = np.stack(list(pool.map(lambda i: load_image(images.examples[i].path, meta["resolution"]),
+                                                chunk)))
                 for v in range(views):
                     z = _encode_padded(encode, pixels[:, :, ::-1] if v else pixels, batch_size)
                     if latents is None:
@@ -452,6 +464,7 @@ class LatentCache:
             shutil.rmtree(folder, ignore_errors=True)
             os.rename(tmp, folder)
         finally:
+            pool.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
 
 

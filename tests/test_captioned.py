@@ -74,6 +74,14 @@ def test_caption_files_and_kohya_repeat_folders(tmp_path):
     assert np.bincount(found.rows()).tolist() == [e.repeats for e in found.examples]
 
 
+def test_a_folder_of_imagefolder_splits_asks_for_one_split(tmp_path):
+    png(tmp_path / "train" / "a.png", 8, 8)
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a"}) + "\n")
+    with pytest.raises(CaptionFolderError, match=r"no metadata.jsonl at the top, but .*train/metadata.jsonl below"):
+        captioned.scan(tmp_path)
+    assert captioned.scan(tmp_path / "train").captions == ["a"]
+
+
 def test_missing_captions_and_unreadable_images_are_named_or_skipped(tmp_path, capsys):
     caption_folder(tmp_path, n=3)
     png(tmp_path / "sub" / "nocap.png", 8, 8)
@@ -123,6 +131,10 @@ def test_resize_crop_and_flip_are_slices_of_the_original(tmp_path):
     rgba = np.zeros((16, 16, 4), np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
     assert (captioned.load_image(tmp_path / "clear.png", 16) == 255).all()
+    deep = np.random.default_rng(1).integers(0, 65536, (16, 16), dtype=np.uint16)  # a 16-bit greyscale PNG
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    want = np.round(deep / 257).astype(np.uint8)
+    np.testing.assert_array_equal(captioned.load_image(tmp_path / "deep.png", 16), np.repeat(want[..., None], 3, -1))
     exif = Image.Exif()
     exif[0x0112] = 3
     Image.fromarray(x[:, :16]).save(tmp_path / "rot.png", exif=exif)
