@@ -195,8 +195,8 @@ def _remove_leftovers(target: Path) -> None:
     """Hidden folders a killed save left beside ``target`` (its partial copy, or the old folder moved aside)."""
     if not target.parent.is_dir():
         return
-    for p in target.parent.glob(f".{target.name}.saving-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in target.parent.glob(f".{target.name}.old-*"):
-        if target.exists():  # else it is the only copy left: a killed fallback swap; keep it for the user
+    for p in target.parent.iterdir():  # not glob: a name may hold [ or *
+        if p.name.startswith(f".{target.name}.saving-"):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{target.name}.old-") and target.exists():
+            shutil.rmtree(p, ignore_errors=True)  # (without the target it is the only copy left: kept)
