@@ -117,8 +117,9 @@ def scan(folder: str | os.PathLike, *, caption_column: str = "text", caption_ext
         examples = _from_caption_files(folder, caption_extension, problems)
     if check is not None:
         readable = []
-        for e in examples:
-            why = _unreadable(e.path, full=check == "full")
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # file reads and decoding release the GIL
+            verdicts = list(pool.map(lambda e: _unreadable(e.path, full=check == "full"), examples))
+        for e, why in zip(examples, verdicts, strict=True):
             if why is None:
                 readable.append(e)
             else:
