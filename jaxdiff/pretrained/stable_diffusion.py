@@ -21,7 +21,7 @@ import numpy as np
 from jaxdiff import conditions, specs
 from jaxdiff.parametrization import eps_from_v
 from jaxdiff.pretrained import folder as folders
-from jaxdiff.pretrained import scheduler, weights
+from jaxdiff.pretrained import save, scheduler, weights
 from jaxdiff.pretrained import tokenizer as tokenizers
 
 # jaxdiff's sampler names -> the diffusers scheduler whose timestep grid they take
@@ -32,15 +32,18 @@ class StableDiffusion:
     """The parts of one Stable Diffusion: specs (configs), parameters {"unet", "vae", "text"}, tokenizer and
     scheduler config; modules in compute ``dtype`` with ``attention`` (None: XLA; "cudnn": the fused
     kernel where it applies). Parameters stay as they are (float32 or float16 as stored). ``load`` reads
-    them from a diffusers folder; a benchmark can build them from configs and random parameters."""
+    them from a diffusers folder; a benchmark can build them from configs and random parameters.
+    ``key_names``: per part, flax path -> (torch key, shape) as the folder stored it, so that
+    ``save_pretrained`` writes the same tensor names (None: the rule's names)."""
 
     def __init__(self, unet_spec, vae_spec, text_spec, params: dict, tokenizer, scheduler_config: dict, *,
-                 dtype=jnp.float32, attention: str | None = None):
+                 dtype=jnp.float32, attention: str | None = None, key_names: dict | None = None):
         self.unet_spec, self.vae_spec, self.text_spec = unet_spec, vae_spec, text_spec
         self.unet = unet_spec.module(dtype, attention)
         self.vae = vae_spec.module(dtype, attention)
         self.text = text_spec.module(dtype, attention)
         self.params, self.tokenizer, self.scheduler_config = params, tokenizer, scheduler_config
+        self.key_names = key_names
         self.schedule = scheduler.schedule_from_config(scheduler_config)
         self.prediction = scheduler.prediction_type(scheduler_config)
         self.latent_factor = 2 ** (len(self.vae.block_out_channels) - 1)
@@ -53,13 +56,20 @@ class StableDiffusion:
         unet = specs.StableDiffusionUNet.from_config(folders.read_json(index["unet"] / "config.json"))
         vae = specs.StableDiffusionAutoencoder.from_config(folders.read_json(index["vae"] / "config.json"))
         text = specs.CLIPText.from_config(folders.read_json(index["text_encoder"] / "config.json"))
-        params = {
-            "unet": weights.load_params(unet.template(), index["unet"], variant=variant, name="unet"),
-            "vae": weights.load_params(vae.template(), index["vae"], variant=variant, name="vae"),
-            "text": weights.load_params(text.template(), index["text_encoder"], variant=variant, name="text_encoder"),
-        }
+        parts = {"unet": (unet, "unet"), "vae": (vae, "vae"), "text": (text, "text_encoder")}
+        params, names = {}, {}
+        for key, (spec, sub) in parts.items():
+            template = spec.template()
+            params[key] = weights.load_params(template, index[sub], variant=variant, name=sub)
+            names[key] = weights.key_names(template, index[sub], variant=variant)
         return cls(unet, vae, text, params, tokenizers.load_tokenizer(index["tokenizer"]),
-                   scheduler.read_scheduler_config(index["scheduler"]), dtype=dtype, attention=attention)
+                   scheduler.read_scheduler_config(index["scheduler"]), dtype=dtype, attention=attention,
+                   key_names=names)
+
+    def save_pretrained(self, folder, params: dict | None = None, *, dtype=None):
+        """Write a diffusers folder (see ``jaxdiff.pretrained.save``): ``params`` whole or by part
+        ({"unet": trained}), the rest this model's; ``dtype`` casts floating tensors."""
+        return save.save_pretrained(self, folder, params=params, dtype=dtype)
 
     def eps_model(self, params, z, t, context):
         """eps of the latents z_t at jaxdiff's t (the U-Net reads diffusers' t - 1); a v-prediction

@@ -20,6 +20,7 @@ The result is ``(ids, mask)``, int32 NumPy arrays of shape (N, model_max_length)
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +78,10 @@ class CLIPTokenizer:
                 raise TokenizerConfigError(f"{attr} {content!r} is not in the vocabulary")
         self.vocab_size = len(vocab)
         self.max_length = max_length
+        # kept as given, so ``save`` can write the folder back
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.added_tokens = [dict(t) for t in added_tokens]
         self.special_tokens = {a: dict(special_tokens[a]) for a in SPECIAL_ATTRIBUTES}
         self.bos_token_id = vocab[special_tokens["bos_token"]["content"]]
         self.eos_token_id = vocab[special_tokens["eos_token"]["content"]]
@@ -172,6 +177,37 @@ class CLIPTokenizer:
         ids = np.asarray([e.ids for e in encodings], dtype=np.int32)
         mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int32)
         return ids, mask
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the tokenizer as a folder ``from_folder`` and transformers' CLIPTokenizer both read:
+        ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` whose ``added_tokens_decoder`` lists
+        the special (and added) tokens with their flags, so they match text as they did here."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab = dict(sorted(self.vocab.items(), key=lambda kv: kv[1]))
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "".join(f"{a} {b}\n" for a, b in self.merges)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+        decoder = {}
+        for spec in self.added_tokens + [self.special_tokens[a] for a in SPECIAL_ATTRIBUTES]:
+            token_id = spec.get("id", self.vocab.get(spec["content"]))
+            decoder[str(token_id)] = {
+                "content": spec["content"],
+                **{flag: bool(spec.get(flag, False)) for flag in ("lstrip", "normalized", "rstrip", "single_word")},
+                "special": bool(spec.get("special", True)),
+            }
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": self.max_length,
+            "do_lower_case": True,
+            "errors": "replace",
+            "add_prefix_space": False,
+            "added_tokens_decoder": dict(sorted(decoder.items(), key=lambda kv: int(kv[0]))),
+            **{a: self.special_tokens[a]["content"] for a in SPECIAL_ATTRIBUTES},
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        return folder
 
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt, without padding: for looking, not for the model."""

@@ -406,10 +406,29 @@ def load_params(
     return {"params": params} if wrapped else params
 
 
-def save_params(params: Mapping, path: str | os.PathLike, *, prefix: str = "") -> Path:
+def key_names(template: Mapping, source: str | os.PathLike, *, variant: str | None = None) -> dict:
+    """flax path -> (torch key, shape) as the checkpoint at ``source`` stores each parameter of
+    ``template``: the names ``load_params`` matched (prefixes, old autoencoder names), for writing a
+    checkpoint back under them. Reads the files' headers only; a checkpoint that does not fit raises
+    ``CheckpointMismatch`` as ``load_params`` would."""
+    wrapped = set(template) == {"params"} and isinstance(template["params"], Mapping)
+    template_flat = _flatten(template["params"] if wrapped else template)
+    files = weight_files(source, variant=variant)
+    checkpoint = _Checkpoint(files)
+    plan = _plan(checkpoint.entries, template_flat)
+    if plan.num_problems:
+        raise _mismatch_error(Path(source).name, files, plan)
+    return {path: (key, checkpoint.entries[key][1]) for key, path in plan.assign.items()}
+
+
+def save_params(params: Mapping, path: str | os.PathLike, *, prefix: str = "", names: Mapping | None = None,
+                dtype=None) -> Path:
     """Write flax params as a torch-layout safetensors file (``prefix`` + keys by ``torch_key``).
 
-    The way back from ``load_params``: kernels transposed to torch's layout, dtypes as they are.
+    The way back from ``load_params``: kernels transposed to torch's layout, dtypes as they are
+    (``dtype``: cast floating tensors to it). ``names``: flax path -> (torch key, shape), as
+    ``key_names`` reads them from the checkpoint the params came from, so the file uses its spelling
+    (a kernel stored as a 1x1 conv is written as one); paths it lacks take the rule.
     ``path`` is the file to write (for a diffusers folder: ``<component>/diffusion_pytorch_model.safetensors``,
     or ``model.safetensors`` for a transformers text encoder; config.json is not written here).
     """
@@ -420,12 +439,21 @@ def save_params(params: Mapping, path: str | os.PathLike, *, prefix: str = "") -
     if prefix and not prefix.endswith("."):
         raise ValueError(f"prefix must be empty or end with '.', got {prefix!r}")
     inner = params["params"] if set(params) == {"params"} and isinstance(params["params"], Mapping) else params
+    names = names or {}
     tensors: dict[str, np.ndarray] = {}
     for p, leaf in _flatten(inner).items():
-        key = prefix + torch_key(p)
+        key, shape = names.get(p, (prefix + torch_key(p), None))
         if key in tensors:
             raise ValueError(f"two flax parameters map to the torch key {key!r} (one is {'/'.join(p)})")
-        tensors[key] = np.ascontiguousarray(to_torch(p, np.asarray(leaf)))
+        array = to_torch(p, np.asarray(leaf))
+        if shape is not None and tuple(shape) != array.shape:
+            if int(np.prod(shape)) != array.size:
+                raise ValueError(f"{key}: the parameter {'/'.join(p)} holds {array.shape} in torch's layout, "
+                                 f"the reference checkpoint {tuple(shape)}")
+            array = array.reshape(shape)  # a linear map stored as a 1x1 conv, or back
+        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
+            array = array.astype(dtype)
+        tensors[key] = np.ascontiguousarray(array)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
