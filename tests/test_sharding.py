@@ -7,10 +7,13 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdiff import sharding
+from jaxdiff import data, sharding, specs, train, trainer
+from jaxdiff.checkpoint import Checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +52,6 @@ def test_each_leaf_is_split_along_its_largest_divisible_dimension_or_kept_whole(
 def test_a_mesh_that_does_not_fit_the_devices_is_refused_by_fit():
     from test_trainer import SPEC, config, loss_fn, squares
 
-    from jaxdiff import data, trainer
 
     x, y = squares()
     with pytest.raises(ValueError, match=r"mesh 'data=2,fsdp=4' has 8 devices .* but the run has 1"):
@@ -145,3 +147,69 @@ def test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_an
                XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+# the two-process test's model and run; one level, no attention: the cheapest U-Net to compile
+TWO_SPEC = specs.LabelUNet(num_classes=2, channels=(64,), cond_dim=64, image_shape=(8, 8, 1))
+TWO_CONFIG = trainer.TrainConfig(steps=2, batch_size=8, warmup_steps=1, save_every=2, steps_per_dispatch=2)
+
+
+def two_run(batches_class, **kw):
+    """``trainer.fit`` of the two-process test, its batches from ``batches_class`` (distributed.Batches in
+    the processes); parameters from a jitted init (compiled once, not op by op)."""
+    from test_trainer import squares
+
+    loss = train.diffusion_loss(TWO_SPEC.eps_model(TWO_SPEC.module()), TWO_SPEC.build_schedule(), p_uncond=0.1,
+                                null_label=2)
+    x, y = squares(64)
+    params = jax.jit(lambda: TWO_SPEC.init(0))()
+    return params, trainer.fit(TWO_SPEC, loss, batches_class(x, y, 8, 0), TWO_CONFIG, progress=False,
+                               params=params, **kw)
+
+
+PROCESS = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import jax
+    from jaxdiff import distributed
+    out, coordinator, processes, index = sys.argv[1:]
+    distributed.initialize(coordinator, int(processes), int(index))
+    sys.path.insert(0, "tests")
+    from test_sharding import two_run
+    assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
+    state = two_run(distributed.Batches, directory=Path(out) / "ck", loss_log=Path(out) / "loss.csv",
+                    mesh="fsdp=4")[1].state
+    kernel = state.opt_state[1][0].mu["params"]["down_blocks_0"]["resnets_0"]["Conv_0"]["kernel"]  # (3, 3, 64, 64)
+    assert [s.data.shape for s in kernel.addressable_shards] == [(3, 3, 64, 16)] * 2, kernel.sharding
+    print("OK")
+    """
+)
+
+
+def test_two_processes_with_the_fsdp_axis_across_them_train_as_one_device(tmp_path):
+    """The weights split 4 ways over 2 processes of 2 simulated devices each (the fsdp axis spans both, its
+    collectives go through gloo), each process gathering only its rows of the batch and writing its part
+    of the checkpoint, against this process on one device (the default path): the same losses and EMA."""
+    from test_distributed import _wait, environment, free_port
+
+    port, logs = free_port(), [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(2)]
+    procs = []
+    for i, (o, e) in enumerate(logs):
+        with open(o, "w") as out, open(e, "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-c", PROCESS, str(tmp_path / "two"), f"127.0.0.1:{port}",
+                                           "2", str(i)], cwd=ROOT, env=environment(2), stdout=out, stderr=err))
+    timed_out = _wait(procs)
+    report = "\n".join(f"--- process {i}: exit {p.returncode}\n{e.read_text()[-3000:]}"
+                       for i, (p, (_, e)) in enumerate(zip(procs, logs, strict=True)))
+    assert not timed_out and [p.returncode for p in procs] == [0, 0], report
+    p0, one = two_run(data.Batches, loss_log=tmp_path / "one.csv", devices=jax.devices()[:1])
+    rows = lambda path: np.loadtxt(path, delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(rows(tmp_path / "two" / "loss.csv")[:, 0], [1, 2])
+    np.testing.assert_allclose(rows(tmp_path / "two" / "loss.csv"), rows(tmp_path / "one.csv"), rtol=0, atol=3e-6)
+    two = Checkpoints(tmp_path / "two" / "ck").restore_ema(TWO_SPEC.template())
+    # the EMA's moves from the initial parameters agree to 1e-3 of each leaf's largest (a float32 difference
+    # of O(1) values resolves ~1e-7, ~1e-4 of a move after 2 steps)
+    for a, b, w in zip(*map(jax.tree.leaves, (two, one.state.ema_params, p0)), strict=True):
+        da, db = np.asarray(a) - np.asarray(w), np.asarray(b) - np.asarray(w)
+        np.testing.assert_allclose(da, db, rtol=1e-3, atol=1e-3 * np.abs(db).max())
