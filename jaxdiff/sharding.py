@@ -5,7 +5,7 @@ state (parameters, EMA, optimizer moments) is split over ``fsdp`` along its larg
 fsdp size divides; leaves under ``min_size`` elements, scalars and leaves with no such dimension are
 replicated. The step is ``train.make_train_step``'s pure step on the global batch under ``jax.jit``
 with those shardings in and out: XLA inserts the collectives (gathering weights where they are used,
-reduce-scattering their gradients), so the step computes what it computes on one device, and a mesh
+reducing their gradients back to the split), so the step computes what it computes on one device, and a mesh
 of data=N, fsdp=1 is plain data parallelism. The names follow the usual FSDP convention: a batch
 axis and an axis the weights are split over, the batch dimension sharded over both.
 
@@ -150,7 +150,8 @@ def shard_batches(batches, mesh: Mesh):
 def train_step(loss_fn, tx, ema_decay: float, mesh: Mesh, state, host_loop: bool | None = None):
     """The multi-step ``(state, batches) -> (state, metrics)`` for a state laid out as ``state`` is (from
     ``init_state``), batches from ``shard_batches``; the state is donated. The state returned by every
-    step is constrained to that layout, so gradients and optimizer updates stay split inside a scan too.
+    step is constrained to that layout, so it stays split inside a scan too; where the gradients live in
+    between is XLA's choice (on simulated CPU devices: reduced whole, then each device keeps its slice).
     ``host_loop`` as in ``train.data_parallel`` (default: separate calls of one step on a CPU)."""
     layout = jax.tree.map(lambda a: a.sharding, state)
     replicated = NamedSharding(mesh, P())
