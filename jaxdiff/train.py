@@ -285,11 +285,11 @@ def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh, host_loop: bool | N
     return steps
 
 
-def shard_batches(batches, mesh: Mesh):
-    """Global arrays (steps, global_batch, ...) split over the data axis, from this process's rows
-    (all of them with one process; ``jaxdiff.distributed.Batches`` gives each process its own)."""
+def shard_batches(batches, mesh: Mesh, axes=DATA_AXIS):
+    """Global arrays (steps, global_batch, ...) split over the data axis (or the mesh ``axes``), from this
+    process's rows (all of them with one process; ``jaxdiff.distributed.Batches`` gives each its own)."""
     n = mesh.devices.size
-    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    sharding = NamedSharding(mesh, P(None, axes))
 
     def put(a):
         a = np.asarray(a)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxdiff import distributed, train
+from jaxdiff import distributed, sharding, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
 
 __all__ = ["TrainConfig", "TrainResult", "RunExists", "ConfigMismatch", "fit", "Progress", "LossLog"]
@@ -176,7 +176,7 @@ def checkpoint_config(spec, config: TrainConfig, meta: dict | None) -> dict:
 
 def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None, params: Any = None,
           resume: bool = False, meta: dict | None = None, devices=None, loss_log=None,
-          progress: bool | Progress = True, label: str = "train") -> TrainResult:
+          progress: bool | Progress = True, label: str = "train", mesh: str | None = None) -> TrainResult:
     """Train ``params`` (default: ``spec.init(config.seed)``) on ``loss_fn`` for ``config.steps`` steps.
 
     ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
@@ -187,9 +187,12 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     checkpoint; without it, a folder that already holds checkpoints raises ``RunExists``. A resume
     whose checkpoint is at or past ``config.steps`` trains nothing and returns the restored state.
     ``meta``: JSON-able settings of the caller's (dataset, loss weights) that a resume must match too.
+    ``mesh``: None (default) replicates the state on every device (data parallelism); a setting such as
+    ``"data=2,fsdp=4"`` (``jaxdiff.sharding``) splits parameters and optimizer state over the fsdp axis
+    and the batch over both. It does not change what the run computes, so a resume may use another.
     """
     tx = config.optimizer()
-    if params is None:
+    if params is None and mesh is None:
         params = spec.init(config.seed)
     devices = list(jax.devices() if devices is None else devices)
     if getattr(batches, "batch_size", config.batch_size) != config.batch_size:
@@ -199,9 +202,13 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     owned = [sum(d.process_index == p for d in devices) for p in range(jax.process_count())]
     if min(owned) != max(owned) or not owned[0]:  # the data axis must span every process evenly
         raise ValueError(f"every process must give the same number of devices to the run; per process: {owned}")
-    mesh = train.make_mesh(devices)
-    # replicated over the mesh before a restore, so orbax restores into globally sharded arrays
-    state = train.replicate(train.init_state(params, tx, config.seed), mesh)
+    if mesh is None:
+        mesh = train.make_mesh(devices)
+        # replicated over the mesh before a restore, so orbax restores into globally sharded arrays
+        state = train.replicate(train.init_state(params, tx, config.seed), mesh)
+    else:  # split over the mesh; a restore reads into the same layout
+        mesh = sharding.make_mesh(mesh, devices)
+        state = sharding.init_state(params, tx, config.seed, mesh, init=lambda: spec.init(config.seed))
     saved = checkpoint_config(spec, config, meta)
     if directory is not None:
         distributed.check_shared_folder(directory)
@@ -227,7 +234,10 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
 
 
 def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label) -> TrainResult:
-    multi_step = train.data_parallel(loss_fn, tx, config.ema_decay, mesh)
+    sharded = sharding.is_sharded(mesh)
+    multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state) if sharded
+                  else train.data_parallel(loss_fn, tx, config.ema_decay, mesh))
+    put = sharding.shard_batches if sharded else train.shard_batches
     start = step = int(state.step)
     show = progress if isinstance(progress, Progress) else (
         Progress(label, config.steps, config.batch_size) if progress and is_writer() else None)
@@ -237,7 +247,7 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
     while step < config.steps:
         k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
         local = _local(batches.stack(step, k), config.batch_size)
-        state, metrics = multi_step(state, train.shard_batches(local, mesh))
+        state, metrics = multi_step(state, put(local, mesh))
         losses = np.asarray(metrics["loss"])  # one host sync per dispatch
         if warm_t is None:
             warm_t = time.perf_counter()
