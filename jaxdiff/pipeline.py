@@ -210,9 +210,12 @@ class Pipeline:
             pipe = Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16, attention="cudnn")
             images = pipe(["a red bicycle"], negative="blurry", gamma=7.5, sampler="dpm++", steps=25, seed=0)
 
-        ``dtype`` is the compute dtype (parameters stay as stored); ``attention`` "cudnn" takes the fused
-        GPU kernel. Samplers "ddim" and "dpm++" walk the timesteps diffusers' DDIMScheduler and
-        DPMSolverMultistepScheduler would, from the checkpoint's scheduler config."""
+        ``dtype`` is the compute dtype, float32, bfloat16 or float16 (not on the CPU: refused at load);
+        parameters stay as stored. ``attention``: None or "xla" (XLA's), "cudnn" (the fused GPU kernel;
+        where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
+        diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
+        config. The folder is checked before and while its weights are read (configs that disagree,
+        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``."""
         from jaxdiff.pretrained import stable_diffusion
 
         return cls.for_stable_diffusion(stable_diffusion.load(model, dtype=dtype, attention=attention, variant=variant,
