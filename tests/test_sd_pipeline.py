@@ -211,15 +211,21 @@ def test_a_non_finite_stage_is_an_error_naming_it():
 
 
 def test_a_prompt_longer_than_clip_reads_is_reported_once_per_call():
-    pipe = Pipeline.from_pretrained(folder("sd1pipe"))
+    """What the pipeline's condition does with the prompts and the negative of every call."""
+    from jaxdiff.conditions import PromptTruncated, TextTokens
+    from jaxdiff.pretrained.tokenizer import load_tokenizer
+
+    condition = TextTokens(load_tokenizer(os.path.join(folder("sd1pipe"), "tokenizer")), text_encoder=None)
     long = " ".join(["a"] * 80) + " bicycle"
-    with pytest.warns(UserWarning, match=r"prompts: the text encoder reads 77 tokens; the end of 1 prompt\(s\) was "
-                                         r"dropped: #1: 'a a a a a bicycle'") as record:
-        ids = pipe.condition.host(["a cat", long, long[:20]])
+    with pytest.warns(PromptTruncated, match=r"prompts: the text encoder reads 77 tokens; the end of 1 prompt\(s\) "
+                                             r"was dropped: #1: 'a a a a a bicycle'") as record:
+        ids = condition.host(["a cat", long, long[:20]])
     assert len(record) == 1 and ids.shape == (3, 77)
+    with pytest.warns(PromptTruncated, match="negative: .* #0: 'a a a a a bicycle'"):
+        condition.host(long, role="negative")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pipe.condition.host(["a cat"])  # nothing dropped, nothing said
+        condition.host(["a cat"])  # nothing dropped, nothing said
 
 
 def test_sd_text2img_failures_are_one_line_exit_2_and_leave_no_out(tmp_path, capsys):
