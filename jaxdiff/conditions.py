@@ -43,11 +43,12 @@ class Labels:
         """One label (an integer) or a 1-D sequence of them: Python, NumPy or jax integers in
         0..num_classes-1. Nothing is flattened, rounded or wrapped around: every label the network
         will read is checked here, where its value is known (a traced one is refused)."""
-        if isinstance(labels, jax.core.Tracer):
-            raise ValueError(f"{role} must be concrete values, not traced ones (call the pipeline outside jit): "
-                             f"labels are checked on the host")
         if isinstance(labels, jax.Array):
-            labels = np.asarray(labels)
+            try:
+                labels = np.asarray(labels)
+            except jax.errors.TracerArrayConversionError:
+                raise ValueError(f"{role} must be concrete values, not traced ones (call the pipeline outside jit): "
+                                 f"labels are checked on the host") from None
         if isinstance(labels, np.ndarray) and labels.ndim == 0 and labels.dtype.kind in "iu":
             labels = labels[()]
         if _is_int(labels):

@@ -97,9 +97,11 @@ def _real(value):
         return None
     if isinstance(value, (int, float, np.integer, np.floating)):
         return float(value)
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and value.dtype.kind in "iuf" \
-            and not isinstance(value, jax.core.Tracer):
-        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and value.dtype.kind in "iuf":
+        try:
+            return float(value)
+        except jax.errors.ConcretizationTypeError:  # traced: no value to check
+            return None
     return None
 
 
