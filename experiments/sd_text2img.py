@@ -53,9 +53,10 @@ def main(argv=None):
     p.add_argument("--height", type=common.positive_int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=common.positive_int, default=None, help="image width (default: the model's)")
     p.add_argument("--image", default=None, help="a PNG to start from (image-to-image)")
-    p.add_argument("--strength", type=common.finite_float, default=0.8, help="how far image-to-image departs")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
+    p.add_argument("--strength", type=common.finite_float, default=None,
+                   help="how far image-to-image departs, in (0, 1] (default 0.8; needs --image)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU (float16: not on the CPU)")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
                    help="attention kernel; auto = cuDNN's fused attention on a GPU, XLA elsewhere")
     p.add_argument("--variant", default=None, help="weights variant to read, e.g. fp16")
@@ -70,8 +71,8 @@ def run(args, out):
     gpu = jax.default_backend() == "gpu"
     attention = {"auto": "cudnn" if gpu else None, "xla": None, "cudnn": "cudnn"}[args.attention]
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, dtype=common.compute_dtype(args.dtype), attention=attention,
-                                    variant=args.variant)
+    dtype = common.compute_dtype(args.dtype) if args.dtype != "float16" else jnp.float16
+    pipe = Pipeline.from_pretrained(args.model, dtype=dtype, attention=attention, variant=args.variant)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     prompts = [q for q in args.prompt for _ in range(args.per_prompt)]
     image = read_image(args.image) if args.image else None
@@ -92,7 +93,7 @@ def run(args, out):
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"done: {len(images)} images {images.shape[1]}x{images.shape[2]}, {args.sampler} {args.steps} steps, "
           f"gamma {args.gamma:g}; first call {first:.1f}s (compile included), {per_image:.3f}s per image after it "
-          f"({device}, {jnp.dtype(common.compute_dtype(args.dtype)).name}); outputs in {out}")
+          f"({device}, {jnp.dtype(dtype).name}); outputs in {out}")
 
 
 if __name__ == "__main__":

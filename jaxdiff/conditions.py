@@ -9,9 +9,15 @@ call: the text encoder encodes a prompt once, not at every sampler step.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class PromptTruncated(UserWarning):
+    """A prompt longer than the text encoder reads: its end was dropped."""
 
 
 def downsample(x, factor: int = 2):
@@ -31,9 +37,20 @@ class Labels:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
 
+    stage = "labels"
+
     def host(self, labels, role: str = "labels") -> np.ndarray:
-        """One label (an integer) or a 1-D sequence of them: Python or NumPy integers in
-        0..num_classes-1. Nothing is flattened, rounded or wrapped around."""
+        """One label (an integer) or a 1-D sequence of them: Python, NumPy or jax integers in
+        0..num_classes-1. Nothing is flattened, rounded or wrapped around: every label the network
+        will read is checked here, where its value is known (a traced one is refused)."""
+        if isinstance(labels, jax.Array):
+            try:
+                labels = np.asarray(labels)
+            except jax.errors.TracerArrayConversionError:
+                raise ValueError(f"{role} must be concrete values, not traced ones (call the pipeline outside jit): "
+                                 f"labels are checked on the host") from None
+        if isinstance(labels, np.ndarray) and labels.ndim == 0 and labels.dtype.kind in "iu":
+            labels = labels[()]
         if _is_int(labels):
             values = [labels]
         elif isinstance(labels, np.ndarray):
@@ -67,6 +84,8 @@ class Prompts:
     """Text prompts, tokenized on the host and encoded by the text encoder inside the jit;
     the null condition is the empty prompt. ``params["text"]`` holds the encoder's parameters."""
 
+    stage = "text states"
+
     def __init__(self, tokenizer, text_encoder):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
 
@@ -90,7 +109,10 @@ class TextTokens:
     """Text prompts for a pretrained text encoder (Stable Diffusion's CLIP): tokenized on the host
     (ids padded to the encoder's length), encoded inside the jit to per-token states. The null
     condition is the empty prompt. No padding mask, as Stable Diffusion: its U-Net attends to
-    every position. ``params["text"]`` holds the encoder's parameters."""
+    every position. ``params["text"]`` holds the encoder's parameters. A prompt longer than the encoder
+    reads is cut, with one ``PromptTruncated`` warning per call naming the dropped text."""
+
+    stage = "text states"
 
     def __init__(self, tokenizer, text_encoder):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
@@ -101,6 +123,12 @@ class TextTokens:
             raise ValueError(f"{role} must be a string or a non-empty list of strings, got {prompts!r}")
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"{role} must be strings, got {[type(p).__name__ for p in prompts]}")
+        dropped = self.tokenizer.dropped(list(prompts)) if hasattr(self.tokenizer, "dropped") else []
+        cut = [(i, d) for i, d in enumerate(dropped) if d]
+        if cut:
+            shown = "; ".join(f"#{i}: {d!r}" for i, d in cut[:3]) + (f"; {len(cut) - 3} more" if len(cut) > 3 else "")
+            warnings.warn(f"{role}: the text encoder reads {self.tokenizer.max_length} tokens; the end of {len(cut)} "
+                          f"prompt(s) was dropped: {shown}", PromptTruncated, stacklevel=3)
         return self.tokenizer(list(prompts))[0]
 
     def null(self, n: int) -> np.ndarray:
@@ -113,6 +141,8 @@ class TextTokens:
 class LowRes:
     """Low-resolution uint8 images (B, low, low, C), upsampled bilinearly to the output size
     for the U-Net to read beside x_t. The null condition is an all-zero (mid-grey) image."""
+
+    stage = "upsampled low-resolution images"
 
     def __init__(self, low: int, size: int, channels: int = 1):
         self.low, self.size, self.channels = low, size, channels

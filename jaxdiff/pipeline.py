@@ -31,6 +31,22 @@ from jaxdiff.schedules import add_noise
 TEXT_STAGES = ("autoencoder", "clip", "ldm")  # the sub-folders of a text-to-image run
 
 
+class NonFiniteSample(ValueError):
+    """A call whose result (or an intermediate of it) holds NaN or inf; ``stage`` names the first such
+    stage: the condition's states (e.g. "text states"), "encoded image", "latents" or "samples",
+    "decoded image". Raised instead of returning what would become a black or noise image."""
+
+    def __init__(self, stage: str):
+        hints = {"text states": "the text encoder's output, before any sampling step",
+                 "encoded image": "the autoencoder's encoding of image=",
+                 "latents": "what the sampler produced, before decoding: the U-Net's output or its compute dtype",
+                 "samples": "what the sampler produced: the network's output or its compute dtype",
+                 "decoded image": "the autoencoder's decoding of finite latents: the decoder or its compute dtype"}
+        super().__init__(f"non-finite values (NaN or inf) in the {stage} ({hints.get(stage, 'the condition')}); "
+                         f"no image was made; try dtype float32, and check the weights")
+        self.stage = stage
+
+
 def load_model(directory, *, expect: str | tuple, step=None, dtype=jnp.float32):
     """(spec, module in ``dtype``, EMA parameters) of the checkpoint in ``directory``, checking which
     kind of model it holds."""
@@ -73,6 +89,26 @@ def check_gamma(gamma, n: int) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
     return np.broadcast_to(values.reshape(-1), (n,)).astype(np.float32)
+
+
+def _real(value):
+    """A Python, NumPy or 0-d (jax or NumPy) real number as a float; None for anything else."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and value.dtype.kind in "iuf":
+        try:
+            return float(value)
+        except jax.errors.ConcretizationTypeError:  # traced: no value to check
+            return None
+    return None
+
+
+def _all_finite(tree):
+    """One bool: every float leaf of ``tree`` finite (True for a tree of integers, e.g. labels)."""
+    flags = [jnp.isfinite(a).all() for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.asarray(True)
 
 
 def _check_eta(eta) -> float:
@@ -179,9 +215,12 @@ class Pipeline:
             pipe = Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16, attention="cudnn")
             images = pipe(["a red bicycle"], negative="blurry", gamma=7.5, sampler="dpm++", steps=25, seed=0)
 
-        ``dtype`` is the compute dtype (parameters stay as stored); ``attention`` "cudnn" takes the fused
-        GPU kernel. Samplers "ddim" and "dpm++" walk the timesteps diffusers' DDIMScheduler and
-        DPMSolverMultistepScheduler would, from the checkpoint's scheduler config."""
+        ``dtype`` is the compute dtype, float32, bfloat16 or float16 (not on the CPU: refused at load);
+        parameters stay as stored. ``attention``: None or "xla" (XLA's), "cudnn" (the fused GPU kernel;
+        where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
+        diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
+        config. The folder is checked before and while its weights are read (configs that disagree,
+        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``."""
         from jaxdiff.pretrained import stable_diffusion
 
         return cls.for_stable_diffusion(stable_diffusion.load(model, dtype=dtype, attention=attention, variant=variant,
@@ -211,7 +250,7 @@ class Pipeline:
 
     def sample(self, condition, negative=None, *, gamma=None, sampler: str = "dpm++", steps: int | None = None,
                seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
-               width: int | None = None, latents=None, image=None, strength: float = 0.8) -> jax.Array:
+               width: int | None = None, latents=None, image=None, strength: float | None = None) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
@@ -222,8 +261,11 @@ class Pipeline:
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
         latent pipeline (multiples of its latent factor). ``latents``: the starting noise x_T, (N, ...)
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
-        ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1]: image-to-image, the image's latents
-        noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
+        ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1] (default 0.8): image-to-image, the image's
+        latents noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
+
+        Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
+        or inf: the condition's states, the latents or samples, the decoded image.
         """
         # a sampler of one's own: any function with the samplers' keyword signature (key, steps,
         # timesteps, clip_x0), e.g. a step function run by sampling.sample_loop
@@ -257,10 +299,24 @@ class Pipeline:
             latents = np.asarray(latents, np.float32)
             if latents.shape != (n, *shape):
                 raise ValueError(f"latents must have shape {(n, *shape)} (one per image), got {latents.shape}")
+            bad = latents.size - np.count_nonzero(np.isfinite(latents))
+            if bad:
+                raise ValueError(f"latents holds {bad} non-finite values (NaN or inf) of {latents.size}: the starting "
+                                 f"noise must be finite")
         sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())))
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
-        return self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed), latents, image)
+        out, finite = self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed),
+                                          latents, image)
+        finite = np.asarray(finite)  # the one wait: a result is checked before it is handed out
+        if not finite.all():
+            raise NonFiniteSample(self._stages(image is not None)[int(np.argmin(finite))])
+        return out
+
+    def _stages(self, with_image: bool) -> list[str]:
+        """The stages ``_generate`` checks for NaN and inf, in the order it computes them."""
+        return [getattr(self.condition, "stage", "condition")] + (["encoded image"] if with_image else []) \
+            + (["samples"] if self.decode is None else ["latents", "decoded image"])
 
     def _shape(self, height, width) -> tuple:
         if self.latent_size is None:
@@ -269,9 +325,10 @@ class Pipeline:
                                  f"{self.sample_shape} samples")
             return self.sample_shape
         factor, default = self.latent_size
+        default = (default, default) if np.ndim(default) == 0 else tuple(default)
         size = []
-        for name, v in (("height", height), ("width", width)):
-            v = default if v is None else v
+        for name, v, d in (("height", height, default[0]), ("width", width, default[1])):
+            v = d if v is None else v
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < factor or v % factor:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {v!r}")
             size.append(int(v) // factor)
@@ -280,14 +337,18 @@ class Pipeline:
     def _check_image(self, image, strength, n, shape, sampler, steps, grid):
         """(grid index to start from, the image as floats in [-1, 1]) for image-to-image, else (None, None)."""
         if image is None:
+            if strength is not None:
+                raise ValueError("strength is for image-to-image: pass image= too (or leave strength out)")
             return None, None
         if self.encode is None:
             raise ValueError("image-to-image needs a latent pipeline with an encoder (Stable Diffusion)")
         if grid is None:
             raise ValueError(f"image-to-image takes a sampler with a timestep grid ({', '.join(_GRID_SAMPLERS)}), "
                              f"got {sampler!r}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        value = 0.8 if strength is None else _real(strength)
+        if value is None or not 0 < value <= 1:
+            raise ValueError(f"strength must be in (0, 1] (a real number), got {strength!r}")
+        strength = value
         arr = np.asarray(image)
         arr = arr[None] if arr.ndim == 3 else arr
         factor = self.latent_size[0]
@@ -313,6 +374,7 @@ class Pipeline:
             z0 = self.encode(params, image, jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
             x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
+        finite = [_all_finite((cond, uncond))] + ([_all_finite(z0)] if image is not None else [])
         model = lambda x, t, c: self.eps_model(params, x, t, c)
         if self.classifier is None:
             eps_fn = guidance.cfg(model, cond, uncond, gamma)
@@ -325,7 +387,11 @@ class Pipeline:
         else:
             x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
                               timesteps=timesteps, **dict(options))
-        return x0 if self.decode is None else self.decode(params, x0)
+        finite.append(_all_finite(x0))
+        if self.decode is None:
+            return x0, jnp.stack(finite)
+        images = self.decode(params, x0)
+        return images, jnp.stack([*finite, _all_finite(images)])
 
 
 _GRID_SAMPLERS = ("ddim", "dpm++")

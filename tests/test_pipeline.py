@@ -114,6 +114,38 @@ def test_bad_inputs_are_refused_naming_the_argument(mixture2d, linear_schedule, 
         pipe.sample(**kwargs)
 
 
+def test_jax_labels_are_checked_like_numpy_ones(mixture2d, linear_schedule):
+    """Every label the network reads (conditions and negatives, jax arrays too) is checked on the host."""
+    import jax
+    import jax.numpy as jnp
+
+    pipe = mixture_pipeline(mixture2d, linear_schedule)
+    np.testing.assert_array_equal(pipe.sample(jnp.array([0, 2]), negative=jnp.array(1), steps=3, seed=2),
+                                  pipe.sample([0, 2], negative=[1], steps=3, seed=2))
+    for condition, negative, msg in [(jnp.array([0, 3]), None, r"labels must be in 0..2, got 0..3"),
+                                     (jnp.array([0.0, 1.0]), None, "integer class labels, got an array of float32"),
+                                     ([0], jnp.array([-1]), r"negative must be in 0..2, got -1..-1"),
+                                     ([0], jnp.array([1.5]), "negative must be a 1-D sequence of integer"),
+                                     (jnp.array([True]), None, "integer class labels")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe.sample(condition, negative=negative, steps=3)
+    with pytest.raises(ValueError, match="labels must be concrete values"):
+        jax.jit(lambda y: pipe.sample(y, steps=3))(jnp.array([0]))
+
+
+def test_a_non_finite_result_is_an_error_naming_the_stage(mixture2d, linear_schedule):
+    from jaxdiff.pipeline import NonFiniteSample
+
+    exact = mixture2d.cond_eps_fn(linear_schedule)
+    # finite until the last steps (t small), as an overflow in a network late in sampling would be
+    late_nan = lambda p, x, t, y: jnp.where(jnp.reshape(t < 50, (-1, 1)), jnp.nan, exact(x, t, y))
+    pipe = Pipeline(late_nan, {}, linear_schedule, conditions.Labels(3), (2,), clip_x0=None)
+    with pytest.raises(NonFiniteSample, match=r"non-finite values \(NaN or inf\) in the samples") as err:
+        pipe([0, 1], steps=5)
+    assert err.value.stage == "samples" and isinstance(err.value, ValueError)
+    assert np.isfinite(mixture_pipeline(mixture2d, linear_schedule).sample([0, 1], steps=5)).all()
+
+
 def test_settings_a_sampler_ignores_are_not_checked(mixture2d, linear_schedule):
     """DDPM walks all T steps and takes no eta; DPM-Solver++ takes no eta."""
     pipe = mixture_pipeline(mixture2d, linear_schedule)

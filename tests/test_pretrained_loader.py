@@ -418,6 +418,59 @@ def test_fp16_variant(tmp_path):
         load_params(template, unet, variant="bf16")
 
 
+def test_fp16_only_folder_names_the_variant_to_pass(tmp_path):
+    template, sd = unet_like()
+    half = {k: v.astype(np.float16) for k, v in sd.items()}
+    unet = write(tmp_path / "unet", half, "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(CheckpointNotFound) as e:
+        load_params(template, unet)
+    assert "variant='fp16'" in str(e.value) and "\n" not in str(e.value)
+    assert jax.tree.leaves(load_params(template, unet, variant="fp16"))[0].dtype == jnp.float16
+    names = ["model.fp16-00001-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.non_ema.json",
+             "diffusion_pytorch_model-00001-of-00002.bf16.safetensors", "weights.safetensors"]
+    assert weights._variants_present(names) == ["fp16", "non_ema", "bf16"]
+
+
+@pytest.mark.parametrize("cut", ["empty", "truncated"])
+def test_truncated_or_empty_file_is_named_in_one_line(tmp_path, cut):
+    template, sd = unet_like()
+    unet = write(tmp_path / "unet", sd)
+    f = unet / "diffusion_pytorch_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(b"" if cut == "empty" else data[: len(data) - 100])
+    with pytest.raises(weights.DamagedCheckpoint) as e:
+        load_params(template, unet)
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and ("empty" if cut == "empty" else "damaged or truncated") in msg
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.bool_, np.int64])
+def test_integer_or_bool_weights_are_refused_naming_key_and_dtype(tmp_path, dtype):
+    template, sd = unet_like()
+    sd["conv_in.weight"] = np.ones(sd["conv_in.weight"].shape, dtype)
+    with pytest.raises(weights.DamagedCheckpoint) as e:
+        load_params(template, write(tmp_path / "unet", sd), name="unet")
+    code = {np.int8: "I8", np.bool_: "BOOL", np.int64: "I64"}[dtype]
+    assert str(e.value).startswith(f"unet: conv_in.weight is stored as {code} in ") and "\n" not in str(e.value)
+    sd["conv_in.weight"] = sd["conv_in.bias"][:1].astype(np.float64).repeat(8 * 4 * 9).reshape(8, 4, 3, 3)
+    load_params(template, write(tmp_path / "ok", sd))  # every float width is read
+
+
+def test_non_finite_weights_are_named_at_load(tmp_path):
+    template, sd = unet_like()
+    sd["conv_in.weight"][0, 0, 0, 0] = np.nan
+    sd["time_embedding.linear_1.bias"][3] = -np.inf
+    with pytest.raises(weights.DamagedCheckpoint) as e:
+        load_params(template, write(tmp_path / "unet", sd), name="unet")
+    msg = str(e.value)
+    assert msg.startswith("unet: conv_in.weight holds 1 non-finite value(s) (NaN or inf) of 288 in ")
+    assert "1 more tensors too" in msg and "\n" not in msg
+    half = {k: np.nan_to_num(v, neginf=0.0).astype(np.float16) for k, v in sd.items()}
+    half["conv_in.bias"][2] = np.inf
+    with pytest.raises(weights.DamagedCheckpoint, match=r"conv_in.bias holds 1 non-finite .* in \S+half/"):
+        load_params(template, write(tmp_path / "half", half))
+
+
 def test_bfloat16_tensors_read_exactly(tmp_path, monkeypatch):
     template = {"proj": {"kernel": S((4, 3), jnp.float32), "bias": S((3,), jnp.float32)}}
     w = np.arange(12, dtype=np.float32).reshape(3, 4) / 8  # exact in bfloat16

@@ -98,3 +98,22 @@ def test_incomplete_folders_are_refused(tmp_path):
     (tmp_path / "v" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
     with pytest.raises(TokenizerConfigError, match="pad_token '<pad>' is not in the vocabulary"):
         load_tokenizer(tmp_path / "v")
+
+
+def test_merges_outside_the_vocabulary_name_the_file_and_the_pair(tmp_path):
+    shutil.copytree(FIXTURES / "sd1", tmp_path / "t")
+    merges = tmp_path / "t" / "merges.txt"
+    lines = merges.read_text(encoding="utf-8").splitlines()
+    merges.write_text("\n".join(lines[:3] + ["qz@ xj@"] + lines[3:]) + "\n", encoding="utf-8")
+    with pytest.raises(TokenizerConfigError) as e:
+        load_tokenizer(tmp_path / "t")
+    msg = str(e.value)
+    assert msg.startswith(f"{merges}: merge 3 ('qz@', 'xj@'): 'qz@' is not in the vocabulary") and "\n" not in msg
+
+
+def test_the_text_truncation_drops_is_reported():
+    tok = load_tokenizer(FIXTURES / "sd1")
+    long = " ".join(["a"] * 80) + " bicycle"
+    assert tok.dropped(["a cat", long]) == ["", "a a a a a bicycle"]  # 75 words fit between start and end
+    ids, _ = tok([long])
+    assert ids[0, 75] == tok(["a"])[0][0, 1] and ids[0, 76] == tok.eos_token_id

@@ -3,14 +3,17 @@ pipelines (tests/fixtures/sd_tiny_sd{1,2}pipe, made by make_sd_pipeline_fixtures
 DDIM and DPM-Solver++ at 20 steps with guidance 7.5 and negative prompts, from the same initial latents.
 Measured: at most 1.7e-6 apart (images in [0, 1]); the bound is 1e-3."""
 
+import json
 import os
+import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.pipeline import NonFiniteSample, Pipeline
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PROMPTS = ["a photo of a red bicycle, high detail", "two cats on a sofa!"]
@@ -75,7 +78,13 @@ def test_image_to_image_walks_the_end_of_the_grid_from_the_noised_image(monkeypa
     assert out.shape == (1, 32, 32, 3)
     grid = pipe.grid("ddim", 10)
     assert seen == list(grid[5:-1])
+    # a NumPy or 0-d jax strength is a number like any other (same program, same images)
+    np.testing.assert_array_equal(pipe(["a cat"], image=image, strength=np.float32(0.5), sampler="ddim", steps=10), out)
+    with pytest.raises(ValueError, match="strength is for image-to-image: pass image= too"):
+        pipe(["a cat"], strength=0.5, sampler="ddim", steps=10)
     for kwargs, msg in [({"strength": 0.0}, r"strength must be in \(0, 1\]"), ({"strength": 0.05}, "leaves no step"),
+                        ({"strength": "0.5"}, r"strength must be in \(0, 1\]"),
+                        ({"strength": np.bool_(True)}, r"strength must be in \(0, 1\]"),
                         ({"sampler": "heun"}, "image-to-image takes a sampler with a timestep grid"),
                         ({"image": np.zeros((16, 16, 3), np.uint8)}, "image must be uint8 of shape")]:
         with pytest.raises(ValueError, match=msg):
@@ -105,7 +114,144 @@ def test_sd_text2img_command(tmp_path, capsys):
     from experiments.sd_text2img import main
 
     main(["--model", folder("sd2pipe"), "--prompt", "a red bicycle", "--prompt", "a cat", "--per-prompt", "2",
-          "--negative", "blurry", "--steps", "3", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
+          "--negative", "blurry", "--steps", "3", "--out", str(tmp_path), "--attention", "cudnn"])
+    out, err = capsys.readouterr()
     assert "done: 4 images 32x32" in out and "per image" in out
+    if jax.default_backend() != "gpu":  # README's attention="cudnn" runs everywhere: XLA's where no cuDNN
+        assert "note: attention='cudnn' needs an NVIDIA GPU with cuDNN" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# bad folders and bad calls: one line naming the culprit (docs/FAULTS.md, "Loading and the pipeline")
+
+
+def damaged_copy(tmp_path, name="sd1pipe"):
+    root = tmp_path / name
+    shutil.copytree(folder(name), root)
+    return root
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_configs_that_do_not_fit_are_refused_before_any_weight_is_read(tmp_path):
+    root = damaged_copy(tmp_path)
+    (root / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never reached
+    unet, tok = root / "unet" / "config.json", root / "tokenizer" / "tokenizer.json"
+    original = {p: p.read_text() for p in (unet, tok)}
+
+    def eos_5000(d):
+        d["model"]["vocab"]["<|endoftext|>"] = 5000
+        for t in d["added_tokens"]:
+            t["id"] = 5000 if t["content"] == "<|endoftext|>" else t["id"]
+
+    for path, change, msg in [
+        (unet, lambda d: d.update(in_channels=9), r"unet/config.json: in_channels 9 is an inpainting U-Net \(9 = 4 "
+                                                  r"latent \+ 1 mask \+ 4 masked-image channels\); jaxdiff's "
+                                                  r"text-to-image pipeline needs in_channels 4"),
+        (unet, lambda d: d.update(sample_size=0), r"unet/config.json: sample_size must be a positive integer"),
+        (tok, eos_5000, r"tokenizer: eos_token '<\|endoftext\|>' has id 5000, outside \S+text_encoder/config.json's "
+                        r"vocab_size 1000"),
+    ]:
+        edit_json(path, change)
+        with pytest.raises(ValueError, match=msg) as err:
+            Pipeline.from_pretrained(root)
+        assert "\n" not in str(err.value)
+        path.write_text(original[path])
+    with pytest.raises(ValueError, match="safetensors"):  # the folder is otherwise whole: the weights come next
+        Pipeline.from_pretrained(root)
+
+
+def test_compute_settings_are_checked_and_cudnn_falls_back(capsys):
+    from jaxdiff.pretrained.stable_diffusion import compute_settings
+
+    for kwargs, msg in [({"dtype": "garbage"}, "dtype must be one of float32, bfloat16, float16"),
+                        ({"dtype": jnp.int32}, "dtype must be one of float32, bfloat16, float16"),
+                        ({"attention": "flash"}, r"attention must be one of None, 'xla', 'cudnn' .*got 'flash'")]:
+        with pytest.raises(ValueError, match=msg):
+            Pipeline.from_pretrained(folder("sd1pipe"), **kwargs)
+    assert compute_settings("bfloat16", "xla") == (jnp.dtype(jnp.bfloat16), "xla")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="dtype float16 does not run on the CPU"):
+            Pipeline.from_pretrained(folder("sd1pipe"), dtype=jnp.float16)
+        capsys.readouterr()
+        assert compute_settings(jnp.float32, "cudnn") == (jnp.dtype(jnp.float32), None)
+        assert capsys.readouterr().err.count("\n") == 1  # one notice line
+
+
+def _poisoned(params, part, *names):
+    """A copy of params with NaN in every leaf of ``part`` whose path holds all of ``names``."""
+    def leaf(path, a):
+        key = jax.tree_util.keystr(path)
+        return jnp.full_like(a, jnp.nan) if all(f"['{n}']" in key for n in names) else a
+
+    return {**params, part: jax.tree_util.tree_map_with_path(leaf, params[part])}
+
+
+def test_a_non_finite_stage_is_an_error_naming_it():
+    """Finite weights can still give NaN (a float16 overflow, weights edited in memory): the call raises,
+    naming the first stage that went non-finite, instead of returning a black image. One program, three
+    parameter sets."""
+    pipe = Pipeline.from_pretrained(folder("sd1pipe"))
+    good, kwargs = pipe.params, dict(steps=2, height=16, width=16, sampler="ddim")
+    assert pipe(["a cat"], **kwargs).shape == (1, 16, 16, 3)
+    for part, names, stage in [("text", ("token_embedding",), "text states"), ("unet", ("conv_out", "bias"), "latents"),
+                               ("vae", ("decoder", "conv_out", "bias"), "decoded image")]:
+        pipe.params = _poisoned(good, part, *names)
+        with pytest.raises(NonFiniteSample, match=f"non-finite values \\(NaN or inf\\) in the {stage}") as err:
+            pipe(["a cat"], **kwargs)
+        assert err.value.stage == stage and "\n" not in str(err.value)
+    pipe.params = good
+    with pytest.raises(ValueError, match=r"latents holds 256 non-finite values \(NaN or inf\) of 256"):
+        pipe(["a cat"], latents=np.full((1, 8, 8, 4), np.nan), **kwargs)
+
+
+def test_a_prompt_longer_than_clip_reads_is_reported_once_per_call():
+    """What the pipeline's condition does with the prompts and the negative of every call."""
+    from jaxdiff.conditions import PromptTruncated, TextTokens
+    from jaxdiff.pretrained.tokenizer import load_tokenizer
+
+    condition = TextTokens(load_tokenizer(os.path.join(folder("sd1pipe"), "tokenizer")), text_encoder=None)
+    long = " ".join(["a"] * 80) + " bicycle"
+    with pytest.warns(PromptTruncated, match=r"prompts: the text encoder reads 77 tokens; the end of 1 prompt\(s\) "
+                                             r"was dropped: #1: 'a a a a a bicycle'") as record:
+        ids = condition.host(["a cat", long, long[:20]])
+    assert len(record) == 1 and ids.shape == (3, 77)
+    with pytest.warns(PromptTruncated, match="negative: .* #0: 'a a a a a bicycle'"):
+        condition.host(long, role="negative")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        condition.host(["a cat"])  # nothing dropped, nothing said
+
+
+def test_sd_text2img_failures_are_one_line_exit_2_and_leave_no_out(tmp_path, capsys):
+    """A damaged weight at load, a finite weight that overflows into NaN latents at run time, a flag that
+    does nothing: each one stderr line, exit 2, no PNG and no empty --out."""
+    from safetensors.numpy import load_file, save_file
+
+    from experiments.sd_text2img import main
+
+    root = damaged_copy(tmp_path)
+    weights_file = root / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights_file))
+    for value, extra, msg in [(np.nan, [], "error: unet: conv_in.weight holds 1 non-finite value(s)"),
+                              (3e38, [], "error: non-finite values (NaN or inf) in the latents"),
+                              (None, ["--strength", "0.5"], "error: strength is for image-to-image")]:
+        w = tensors["conv_in.weight"].copy()
+        if value is not None:
+            w.flat[0] = value
+            if np.isfinite(value):
+                w[:] = value  # every input channel at float32's edge: the first convolution overflows
+        save_file({**tensors, "conv_in.weight": w}, str(weights_file))
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as code:
+            main(["--model", str(root), "--prompt", "a cat", "--steps", "1", "--height", "16", "--width", "16",
+                  "--repeats", "0", "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+        assert code.value.code == 2 and len(lines) == 1 and lines[0].startswith(msg), err
+        assert not out.exists()

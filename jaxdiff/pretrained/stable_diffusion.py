@@ -38,6 +38,11 @@ class StableDiffusion:
 
     def __init__(self, unet_spec, vae_spec, text_spec, params: dict, tokenizer, scheduler_config: dict, *,
                  dtype=jnp.float32, attention: str | None = None, key_names: dict | None = None):
+        dtype, attention = compute_settings(dtype, attention)
+        where = {"unet": "unet config", "vae": "vae config", "text_encoder": "text_encoder config",
+                 "tokenizer": "the tokenizer"}
+        self.default_size = check_parts(unet_spec.config_dict(), vae_spec.config_dict(), text_spec.config_dict(),
+                                        tokenizer, where)
         self.unet_spec, self.vae_spec, self.text_spec = unet_spec, vae_spec, text_spec
         self.unet = unet_spec.module(dtype, attention)
         self.vae = vae_spec.module(dtype, attention)
@@ -47,24 +52,28 @@ class StableDiffusion:
         self.schedule = scheduler.schedule_from_config(scheduler_config)
         self.prediction = scheduler.prediction_type(scheduler_config)
         self.latent_factor = 2 ** (len(self.vae.block_out_channels) - 1)
-        self.latent_channels = unet_spec.config_dict().get("in_channels", 4)
-        self.default_size = unet_spec.config_dict().get("sample_size", 64) * self.latent_factor
+        self.latent_channels = self.vae.latent_channels
+        self.default_size = tuple(s * self.latent_factor for s in self.default_size)
 
     @classmethod
     def from_folder(cls, root, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None):
+        dtype, attention = compute_settings(dtype, attention)  # before minutes of reading weights
         index = folders.read_pipeline_index(root)
-        unet = specs.StableDiffusionUNet.from_config(folders.read_json(index["unet"] / "config.json"))
-        vae = specs.StableDiffusionAutoencoder.from_config(folders.read_json(index["vae"] / "config.json"))
-        text = specs.CLIPText.from_config(folders.read_json(index["text_encoder"] / "config.json"))
+        configs = {c: folders.read_json(index[c] / "config.json") for c in ("unet", "vae", "text_encoder")}
+        unet = specs.StableDiffusionUNet.from_config(configs["unet"])
+        vae = specs.StableDiffusionAutoencoder.from_config(configs["vae"])
+        text = specs.CLIPText.from_config(configs["text_encoder"])
+        tokenizer = tokenizers.load_tokenizer(index["tokenizer"])
+        where = {c: str(index[c] / "config.json") for c in configs} | {"tokenizer": f"{index['tokenizer']}"}
+        check_parts(unet.config_dict(), vae.config_dict(), text.config_dict(), tokenizer, where)
         parts = {"unet": (unet, "unet"), "vae": (vae, "vae"), "text": (text, "text_encoder")}
         params, names = {}, {}
         for key, (spec, sub) in parts.items():
             template = spec.template()
             params[key] = weights.load_params(template, index[sub], variant=variant, name=sub)
             names[key] = weights.key_names(template, index[sub], variant=variant)
-        return cls(unet, vae, text, params, tokenizers.load_tokenizer(index["tokenizer"]),
-                   scheduler.read_scheduler_config(index["scheduler"]), dtype=dtype, attention=attention,
-                   key_names=names)
+        return cls(unet, vae, text, params, tokenizer, scheduler.read_scheduler_config(index["scheduler"]),
+                   dtype=dtype, attention=attention, key_names=names)
 
     def save_pretrained(self, folder, params: dict | None = None, *, dtype=None):
         """Write a diffusers folder (see ``jaxdiff.pretrained.save``): ``params`` whole or by part
@@ -109,6 +118,75 @@ class StableDiffusion:
             return {}
         _, clip_x0, final_first_order = _setup(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)
         return {"clip_x0": clip_x0} if sampler == "ddim" else {"final_first_order": final_first_order}
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = (None, "xla", "cudnn")
+
+
+def compute_settings(dtype, attention):
+    """(dtype, attention) checked: one of COMPUTE_DTYPES (a jnp dtype or its name) and one of ATTENTION.
+    float16 is refused on the CPU, where XLA has no float16 matrix product (it would fail at the first
+    call); "cudnn" falls back to XLA's attention, with a notice, where there is no cuDNN (CPU, TPU, ROCm)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES or isinstance(dtype, bool):
+        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (a jnp dtype or its name), got {dtype!r}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION))} (None: XLA's), got {attention!r}")
+    backend = jax.default_backend()
+    if name == "float16" and backend == "cpu":
+        raise ValueError("dtype float16 does not run on the CPU (XLA's CPU matrix product has no float16); "
+                         "use float32 or bfloat16 there")
+    if attention == "cudnn" and not _has_cudnn():
+        print(f"note: attention='cudnn' needs an NVIDIA GPU with cuDNN, which the {backend} backend lacks; "
+              f"using XLA's attention", file=sys.stderr)
+        attention = None
+    return jnp.dtype(name), attention
+
+
+def _has_cudnn() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "rocm" not in jax.devices()[0].client.platform_version.lower()
+    except AttributeError:  # no platform version to read: trust the gpu backend to be CUDA
+        return True
+
+
+def check_parts(unet: dict, vae: dict, text: dict, tokenizer, where: dict) -> tuple[int, int]:
+    """What the configs must agree on before any weight is read; ``where`` names each part's file in errors.
+    Returns the U-Net's default latent size (height, width) from its sample_size."""
+    latent = vae.get("latent_channels", 4)
+    in_channels = unet.get("in_channels", 4)
+    if in_channels != latent:
+        what = (f"an inpainting U-Net ({in_channels} = {latent} latent + 1 mask + {latent} masked-image channels)"
+                if in_channels == 2 * latent + 1 else f"a U-Net of {in_channels} input channels")
+        raise ValueError(f"{where['unet']}: in_channels {in_channels} is {what}; jaxdiff's text-to-image pipeline "
+                         f"needs in_channels {latent} (the autoencoder's latent_channels)")
+    size = unet.get("sample_size", 64)
+    pair = list(size) if isinstance(size, (list, tuple)) and len(size) == 2 else [size, size]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"{where['unet']}: sample_size must be a positive integer or a [height, width] pair "
+                         f"(latent pixels: the default image size over the autoencoder's factor), got {size!r}")
+    vocab_size = text.get("vocab_size", 49408)
+    for attr in ("bos_token", "eos_token", "pad_token"):
+        token_id = getattr(tokenizer, f"{attr}_id", None)
+        if isinstance(token_id, int) and not 0 <= token_id < vocab_size:
+            raise ValueError(f"{where['tokenizer']}: {attr} {tokenizer.special_tokens[attr]['content']!r} has id "
+                             f"{token_id}, outside {where['text_encoder']}'s vocab_size {vocab_size}")
+    top = getattr(tokenizer, "max_token_id", None)
+    if isinstance(top, int) and top >= vocab_size:
+        raise ValueError(f"{where['tokenizer']}: the vocabulary has ids up to {top}, outside "
+                         f"{where['text_encoder']}'s vocab_size {vocab_size}: not this text encoder's tokenizer")
+    positions = text.get("max_position_embeddings", 77)
+    length = getattr(tokenizer, "max_length", None)
+    if isinstance(length, int) and length > positions:
+        raise ValueError(f"{where['tokenizer']}: model_max_length {length} is longer than {where['text_encoder']}'s "
+                         f"max_position_embeddings {positions}")
+    return tuple(pair)
 
 
 def _frozen(config: dict):

@@ -58,10 +58,12 @@ class CLIPTokenizer:
         special_tokens: dict[str, dict],
         max_length: int = 77,
         added_tokens: Sequence[dict] = (),
+        source: str = "merges",
     ):
         """``special_tokens``: attribute (bos_token, eos_token, unk_token, pad_token) -> a dict with
         ``content`` and optionally the flags ``normalized``, ``lstrip``, ``rstrip``, ``single_word``.
-        ``added_tokens``: further tokens in the same form, each with its ``id`` (applied first)."""
+        ``added_tokens``: further tokens in the same form, each with its ``id`` (applied first).
+        ``source``: what errors call the merges (the file they came from)."""
         from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
         from tokenizers.models import BPE
 
@@ -76,7 +78,11 @@ class CLIPTokenizer:
             content = special_tokens[attr]["content"]
             if content not in vocab:
                 raise TokenizerConfigError(f"{attr} {content!r} is not in the vocabulary")
+        _check_merges(vocab, merges, source)
         self.vocab_size = len(vocab)
+        # the largest id the tokenizer can emit: what the text encoder's embedding table must cover
+        ids = [int(i) for i in vocab.values()] + [int(t["id"]) for t in added_tokens if isinstance(t.get("id"), int)]
+        self.max_token_id = max(ids)
         self.max_length = max_length
         # kept as given, so ``save`` can write the folder back
         self.vocab = dict(vocab)
@@ -144,8 +150,10 @@ class CLIPTokenizer:
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             vocab = _read_json(folder / "vocab.json")
             merges = _read_merges(folder / "merges.txt")
+            source = str(folder / "merges.txt")
         elif (folder / "tokenizer.json").is_file():
             vocab, merges, added_tokens = _read_tokenizer_json(folder / "tokenizer.json")
+            source = str(folder / "tokenizer.json")
         else:
             raise TokenizerConfigError(
                 f"{folder}: expected vocab.json and merges.txt (or tokenizer.json), found "
@@ -158,7 +166,8 @@ class CLIPTokenizer:
                 f"{folder / 'tokenizer_config.json'}: model_max_length must be the text encoder's length (77 for CLIP), "
                 f"got {max_length!r}"
             )
-        return cls(vocab, merges, special_tokens=specials, max_length=max_length, added_tokens=added_tokens)
+        return cls(vocab, merges, special_tokens=specials, max_length=max_length, added_tokens=added_tokens,
+                   source=source)
 
     def __call__(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, mask)`` for one prompt or a list: int32 arrays of shape (N, max_length); the
@@ -209,6 +218,14 @@ class CLIPTokenizer:
                                                       encoding="utf-8")
         return folder
 
+    def dropped(self, prompts: Sequence[str]) -> list[str]:
+        """Per prompt, the text truncation to ``max_length`` cuts off ("" when it all fits)."""
+        out = []
+        for prompt, e in zip(prompts, self._tok.encode_batch(list(prompts)), strict=True):
+            starts = [a for o in e.overflowing for (a, b) in o.offsets if b > a]
+            out.append(prompt[min(starts):] if starts else "")
+        return out
+
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt, without padding: for looking, not for the model."""
         e = self._tok.encode(prompt)
@@ -223,6 +240,18 @@ def _read_json(path: Path, required: bool = True):
     if not required and not path.is_file():
         return None
     return read_json(path, TokenizerConfigError)
+
+
+def _check_merges(vocab: dict, merges, source: str) -> None:
+    """Every merge's two symbols and their join must be in the vocabulary (``tokenizers`` refuses it
+    otherwise, deep in a traceback that names no file)."""
+    for n, (a, b) in enumerate(merges, 1):
+        for symbol in (a, b, a + b):
+            if symbol not in vocab:
+                raise TokenizerConfigError(
+                    f"{source}: merge {n} ({a!r}, {b!r}): {symbol!r} is not in the vocabulary; the merges do not "
+                    f"belong to this vocab"
+                )
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:

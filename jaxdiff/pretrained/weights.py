@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from jaxdiff.checkpoint import CheckpointError  # one error class for unreadable
 from jaxdiff.pretrained.keys import flax_path, to_flax, to_torch, torch_key
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' name, then transformers'
+# safetensors dtype codes a parameter may be stored in; integer or bool weights are a damaged or quantised file
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 MAX_PROBLEM_LINES = 25
 # old autoencoder attention names -> the current ones (flax module names)
@@ -46,6 +49,11 @@ class CheckpointNotFound(CheckpointError):
 
 class UnsupportedCheckpointFormat(CheckpointError):
     """Weights that exist only in a format jaxdiff does not read (PyTorch pickles)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A weights file that cannot be read whole (truncated, empty, not safetensors), or whose tensors
+    are not floating point or not finite."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -111,9 +119,11 @@ def weight_files(source: str | os.PathLike, *, variant: str | None = None) -> li
             f"pass variant=None to read those"
         )
     if safetensors_files:
+        variants = _variants_present(safetensors_files)
+        hint = (f"pass variant={variants[0]!r} (--variant {variants[0]}) to read that variant" if variants
+                else "pass the file itself to read it")
         raise CheckpointNotFound(
-            f"{source}: expected {expected} (or a sharded index), found {', '.join(safetensors_files)}: "
-            f"pass the file itself to read it"
+            f"{source}: expected {expected} (or a sharded index), found {', '.join(safetensors_files)}: {hint}"
         )
     if pickles:
         raise _pickle_error(source, pickles)
@@ -121,6 +131,19 @@ def weight_files(source: str | os.PathLike, *, variant: str | None = None) -> li
         f"{source}: no weights: expected {expected} (or a sharded index); the folder holds "
         f"{', '.join(present) if present else 'no files'}"
     )
+
+
+def _variants_present(names: list[str]) -> list[str]:
+    """The variants ("fp16", "non_ema", ...) of files named the diffusers way, shards and indexes included."""
+    shard = r"(?:-\d{5}-of-\d{5})?"
+    found = []
+    for n in names:
+        for base in WEIGHT_NAMES:
+            m = (re.fullmatch(rf"{base}{shard}\.(\w+?){shard}\.safetensors", n)
+                 or re.fullmatch(rf"{base}\.safetensors\.index\.(\w+)\.json", n))
+            if m:
+                found.append(m.group(1))
+    return list(dict.fromkeys(found))
 
 
 def _pickle_error(folder: Path, names: list[str]) -> UnsupportedCheckpointFormat:
@@ -158,7 +181,10 @@ class _Checkpoint:
         self.entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
         self._handles = {}
         for f in files:
-            handle = safe_open(str(f), framework="numpy")
+            try:
+                handle = safe_open(str(f), framework="numpy")
+            except Exception as e:  # safetensors' own error names no file and spans many lines
+                raise _damaged(f, e) from None
             self._handles[f] = handle
             keys = handle.keys()  # a safe_open handle is not iterable itself
             for key in keys:
@@ -171,11 +197,21 @@ class _Checkpoint:
         f, shape, dtype = self.entries[key]
         try:
             return np.asarray(self._handles[f].get_tensor(key))
-        except Exception:
+        except Exception as e:
             # safetensors builds without ml_dtypes cannot hand bfloat16 to NumPy: read the bytes
             if dtype != "BF16":
-                raise
+                raise _damaged(f, e, key) from None
             return _read_raw(f, key, jnp.bfloat16, shape)
+
+
+def _damaged(path: Path, err: Exception, key: str | None = None) -> DamagedCheckpoint:
+    size = path.stat().st_size if path.is_file() else 0
+    what = "empty" if size == 0 else "damaged or truncated"
+    where = f" (reading {key})" if key else ""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return DamagedCheckpoint(
+        f"{path}: {what} safetensors file, {size} bytes{where}: {reason}; download or save it again"
+    )
 
 
 def _read_raw(path: Path, key: str, dtype, shape) -> np.ndarray:
@@ -379,7 +415,8 @@ def load_params(
 
     Returns a nested dict of ``jax.Array``s shaped like ``template``. Raises ``CheckpointMismatch``
     listing every missing key, unused key and wrong shape; ``CheckpointNotFound`` or
-    ``UnsupportedCheckpointFormat`` when no safetensors weights are there.
+    ``UnsupportedCheckpointFormat`` when no safetensors weights are there; ``DamagedCheckpoint`` for a
+    truncated or empty file, a tensor stored as integers or bools, or one holding NaN or inf.
     """
     if not isinstance(template, Mapping):
         raise TypeError(f"template must be a nested mapping of parameters, got {type(template).__name__}")
@@ -396,12 +433,19 @@ def load_params(
     plan = _plan(checkpoint.entries, template_flat)
     if plan.num_problems:
         raise _mismatch_error(name, files, plan)
-    out = {}
+    _check_float(name, checkpoint, plan)
+    out, non_finite = {}, []  # one NaN or inf in a weight turns every image black: name it at load
     for key, path in plan.assign.items():
-        array = to_flax(path, checkpoint.read(key), tuple(np.shape(template_flat[path])))
+        raw = checkpoint.read(key)
+        if not _finite(raw):
+            non_finite.append(key)
+            continue
+        array = to_flax(path, raw, tuple(np.shape(template_flat[path])))
         if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
             array = array.astype(dtype)
         out[path] = jnp.asarray(array)
+    if non_finite:
+        raise _non_finite_error(name, checkpoint, non_finite)
     params = _unflatten(out)
     return {"params": params} if wrapped else params
 
@@ -419,6 +463,34 @@ def key_names(template: Mapping, source: str | os.PathLike, *, variant: str | No
     if plan.num_problems:
         raise _mismatch_error(Path(source).name, files, plan)
     return {path: (key, checkpoint.entries[key][1]) for key, path in plan.assign.items()}
+
+
+def _check_float(name: str, checkpoint: _Checkpoint, plan: _Plan) -> None:
+    """Integer or bool tensors would be cast silently by the first layer: refuse them, naming the first."""
+    bad = [(key, checkpoint.entries[key][2]) for key in plan.assign if checkpoint.entries[key][2] not in FLOAT_DTYPES]
+    if bad:
+        key, code = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DamagedCheckpoint(
+            f"{name}: {key} is stored as {code} in {checkpoint.entries[key][0]}{more}; parameters must be "
+            f"floating point ({', '.join(FLOAT_DTYPES.values())}): quantised or damaged weights are not read"
+        )
+
+
+def _finite(array: np.ndarray) -> bool:
+    """A float64 sum is finite exactly when every element is (float32's largest times a tensor's size stays
+    far below float64's): one pass on the host, no temporaries, nothing compiled."""
+    return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+
+
+def _non_finite_error(name: str, checkpoint: _Checkpoint, bad: list[str]) -> DamagedCheckpoint:
+    values = np.asarray(checkpoint.read(bad[0]), np.float32)
+    count = values.size - np.count_nonzero(np.isfinite(values))
+    more = f"; {len(bad) - 1} more tensors too" if len(bad) > 1 else ""
+    return DamagedCheckpoint(
+        f"{name}: {bad[0]} holds {count} non-finite value(s) (NaN or inf) of {values.size} in "
+        f"{checkpoint.entries[bad[0]][0]}{more}; the weights are damaged"
+    )
 
 
 def save_params(params: Mapping, path: str | os.PathLike, *, prefix: str = "", names: Mapping | None = None,
