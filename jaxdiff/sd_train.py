@@ -79,6 +79,18 @@ def check_settings(prediction: str, p_uncond: float, snr_gamma, noise_offset: fl
         raise ValueError(f"noise_offset must be a finite number >= 0, got {noise_offset!r}")
 
 
+def draw(keys, shape, num_timesteps: int, p_uncond: float, noise_offset: float = 0.0):
+    """Per example, from its key: (caption dropped with probability ``p_uncond``, jaxdiff's t uniform in
+    1..T, noise of ``shape`` plus ``noise_offset`` * one N(0, 1) draw per channel)."""
+    def one(k):
+        kd, kt, kn, ko = jax.random.split(k, 4)
+        offset = jax.random.normal(ko, (shape[-1],))
+        return (jax.random.bernoulli(kd, p_uncond), jax.random.randint(kt, (), 1, num_timesteps + 1),
+                jax.random.normal(kn, shape) + noise_offset * offset)
+
+    return jax.vmap(one)(keys)
+
+
 def sd_loss(apply_fn, schedule: Schedule, prediction: str, *, empty_context, p_uncond: float = 0.1,
             snr_gamma: float | None = None, noise_offset: float = 0.0):
     """``loss_fn(params, latents, context, key, shard)`` for ``trainer.fit``; the batch is (latents (B, h, w, C)
@@ -95,16 +107,7 @@ def sd_loss(apply_fn, schedule: Schedule, prediction: str, *, empty_context, p_u
         if context.shape[1:] != empty.shape:
             raise ValueError(f"text states have shape {context.shape[1:]} per example; the empty prompt's "
                              f"have {empty.shape}")
-        keys = shard.keys(key, z0.shape[0])
-
-        def draw(k):
-            kd, kt, kn, ko = jax.random.split(k, 4)
-            noise = jax.random.normal(kn, z0.shape[1:])
-            offset = jax.random.normal(ko, (z0.shape[-1],))
-            return (jax.random.bernoulli(kd, p_uncond), jax.random.randint(kt, (), 1, T + 1),
-                    noise + noise_offset * offset)
-
-        drop, t, noise = jax.vmap(draw)(keys)
+        drop, t, noise = draw(shard.keys(key, z0.shape[0]), z0.shape[1:], T, p_uncond, noise_offset)
         ctx = jnp.where(drop[:, None, None], empty[None].astype(context.dtype), context)
         return denoising_loss(apply_fn, params, schedule, prediction, z0, ctx, t, noise, snr_gamma=snr_gamma)
 
