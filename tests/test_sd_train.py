@@ -170,3 +170,22 @@ def test_a_lora_trains_on_the_one_trainer_and_only_the_lora_moves():
     a, b = trained.modules()["unet"]["to_q"]
     np.testing.assert_allclose(merged, base["params"]["to_q"]["kernel"] + 2.0 * np.asarray(a) @ np.asarray(b),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers():
+    sd = stable_diffusion.load(os.path.join(HERE, "sd_tiny_sd1pipe"))
+    remat = sd.unet_spec.module(remat=True)
+    rng = np.random.default_rng(0)
+    z, ctx = rng.standard_normal((1, 8, 8, 4)).astype(np.float32), rng.standard_normal((1, 6, 32)).astype(np.float32)
+    tau = np.array([500])
+    loss = lambda m: lambda p: jax.numpy.sum(m.apply(p, z, tau, None, ctx) ** 2)
+    def count(fn, name):
+        return sum(e.primitive.name == name for e in jax.make_jaxpr(fn)(sd.params["unet"]).jaxpr.eqns)
+
+    assert count(loss(remat), "remat2") == 5 and count(loss(sd.unet), "remat2") == 0  # 2 down, mid, 2 up blocks
+    # the backward pass recomputes the blocks' forward: more convolutions in the gradient's program
+    convs = lambda fn: str(jax.make_jaxpr(fn)(sd.params["unet"])).count("conv_general_dilated")  # nested too
+    assert convs(jax.grad(loss(remat))) > convs(jax.grad(loss(sd.unet)))
+    same = jax.jit(lambda p: (remat.apply(p, z, tau, None, ctx), sd.unet.apply(p, z, tau, None, ctx)))
+    a, b = same(sd.params["unet"])
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
