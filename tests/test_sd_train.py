@@ -189,3 +189,37 @@ def test_gradient_checkpointing_changes_memory_not_numbers():
     same = jax.jit(lambda p: (remat.apply(p, z, tau, None, ctx), sd.unet.apply(p, z, tau, None, ctx)))
     a, b = same(sd.params["unet"])
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_adamw_and_gradient_accumulation():
+    from jaxdiff.train import OptimConfig, make_optimizer
+
+    p = {"w": jnp.array([1.0, -2.0, 3.0])}
+    zero = {"w": jnp.zeros(3)}
+
+    def run(tx, grads):
+        state, params = tx.init(p), p
+        for g in grads:
+            upd, state = tx.update(g, state, params)
+            params = jax.tree.map(lambda a, b: a + b, params, upd)
+        return params["w"] - p["w"]
+
+    # (the schedule's rate is 0 at the first update, even without warmup: each run starts with a zero one)
+    # AdamW: a zero gradient leaves Adam's step at zero; the decoupled decay takes lr * wd * p
+    tx = make_optimizer(OptimConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5))
+    np.testing.assert_allclose(run(tx, [zero, zero]), -0.1 * 0.5 * np.array([1.0, -2.0, 3.0]), rtol=1e-6)
+    # accumulation over 3 steps: the update of the mean gradient, clipped as a whole
+    grads = [{"w": jnp.array(g)} for g in ([3.0, 0.0, 0.0], [0.0, 6.0, 0.0], [0.0, 0.0, -9.0])]
+    cfg = dict(learning_rate=0.1, warmup_steps=0, grad_clip=1.0)
+    acc, one = make_optimizer(OptimConfig(**cfg, grad_accum=3)), make_optimizer(OptimConfig(**cfg))
+    got = run(acc, [zero] * 3 + grads)
+    np.testing.assert_allclose(got, run(one, [zero, {"w": jnp.array([1.0, 2.0, -3.0])}]), rtol=1e-6)
+    assert np.all(np.asarray(got) != 0)
+    np.testing.assert_array_equal(run(acc, [zero] * 3 + grads[:2]), np.zeros(3))  # not applied before the third
+    with pytest.raises(ValueError, match="grad_accum must be a positive integer"):
+        trainer.TrainConfig(steps=1, batch_size=1, grad_accum=0)
+    with pytest.raises(ValueError, match="weight_decay must be"):
+        trainer.TrainConfig(steps=1, batch_size=1, weight_decay=-1.0)
+    # a checkpoint written before these settings existed still agrees with a config that leaves them alone
+    assert "grad_accum" not in trainer.TrainConfig(steps=1, batch_size=1).meaning()
+    assert trainer.TrainConfig(steps=1, batch_size=1, grad_accum=4).meaning()["grad_accum"] == 4
