@@ -111,10 +111,13 @@ def _get(tree, path):
 
 def _kernel(params, comp, name):
     try:
-        return _get(params[comp]["params"], module_path(name + ".weight"))["kernel"]
+        kernel = _get(params[comp]["params"], module_path(name + ".weight"))["kernel"]
     except (KeyError, TypeError):
+        kernel = None
+    if kernel is None or np.ndim(kernel) != 2:  # a convolution's kernel is 4-D: LoRA on convolutions is not read
         raise LoRAFileError(f"the LoRA adapts {PREFIXES.get(comp, comp)}.{name}, which this model has no Dense "
-                            f"layer for") from None
+                            f"layer for")
+    return kernel
 
 
 def init(params, *, rank: int, alpha: float | None = None, key, targets=UNET_TARGETS, component: str = "unet") -> LoRA:

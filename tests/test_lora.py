@@ -18,6 +18,7 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.pretrained import stable_diffusion
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 def lora_file(name):
@@ -119,12 +120,15 @@ def test_bad_files_are_one_line(tmp_path):
         "unpaired": {k: v for k, v in tensors.items() if "lora_B" not in k},
         "elsewhere": {"unet.nowhere.to_q.lora_A.weight": np.zeros((4, 16), np.float32),
                       "unet.nowhere.to_q.lora_B.weight": np.zeros((16, 4), np.float32)},
-        "shape": {"unet.conv_in.lora_A.weight": np.zeros((4, 7), np.float32),
-                  "unet.conv_in.lora_B.weight": np.zeros((16, 4), np.float32)},
+        "conv": {"unet.conv_in.lora_A.weight": np.zeros((4, 4), np.float32),
+                 "unet.conv_in.lora_B.weight": np.zeros((16, 4), np.float32)},
+        "shape": {f"unet.{Q}.lora_A.weight": np.zeros((4, 7), np.float32),
+                  f"unet.{Q}.lora_B.weight": np.zeros((16, 4), np.float32)},
         "junk": {"unet.something.else": np.zeros(3, np.float32)},
     }
     messages = {"missing": "no such LoRA file", "kohya": "kohya-style keys", "unpaired": "lora_A without its pair",
-                "elsewhere": "no Dense layer", "shape": "no Dense layer|maps 7 -> 16",
+                "elsewhere": "no Dense layer", "conv": "unet.conv_in, which this model has no Dense layer for",
+                "shape": r"maps 7 -> 16; the model's layer maps 16 -> 16",
                 "junk": "not LoRA weights"}
     for case, content in cases.items():
         path = tmp_path / f"{case}.safetensors"
@@ -156,3 +160,25 @@ def test_init_is_peft_s():
         lora.init(sd.params, rank=0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="no Dense layer of 'unet' matches"):
         lora.init(sd.params, rank=2, key=jax.random.key(0), targets=("q_proj",))
+
+
+def test_a_text_encoder_lora_round_trips_and_changes_the_states(tmp_path):
+    sd = stable_diffusion.load(os.path.join(HERE, "sd_tiny_sd1pipe"))
+    adapter = lora.init(sd.params, rank=2, alpha=3, key=jax.random.key(0), targets=lora.TEXT_TARGETS,
+                        component="text")
+    names = sorted(adapter.alphas["text"])
+    assert len(names) == 8 and names[0] == "text_model.encoder.layers.0.self_attn.k_proj"
+    adapter = adapter.replace(jax.tree.map(lambda a: a + 0.1, adapter.weights))  # nonzero B
+    lora.save(tmp_path / "te.safetensors", adapter)
+    tensors, meta = read(tmp_path / "te.safetensors")
+    assert f"text_encoder.{names[0]}.lora_A.weight" in tensors
+    assert json.loads(meta["lora_adapter_metadata"])["text_encoder.lora_alpha"] == 3
+    again = lora.load(tmp_path / "te.safetensors", sd.params)
+    assert again.alphas == adapter.alphas
+    for a, b in zip(jax.tree.leaves(again.weights), jax.tree.leaves(adapter.weights), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pipe = Pipeline.for_stable_diffusion(sd).load_lora(tmp_path / "te.safetensors")
+    ids = pipe.condition.host(["a red bicycle"])
+    plain = pipe.condition.network(sd.params, ids)
+    adapted = pipe.condition.network(pipe.lora_params(), ids)
+    assert np.abs(np.asarray(adapted) - np.asarray(plain)).max() > 1e-3
