@@ -56,7 +56,7 @@ class TrainConfig:
     keep: int = 3
     steps_per_dispatch: int = 50
     weight_decay: float = 0.0  # > 0: AdamW
-    grad_accum: int = 1  # average the gradients of this many steps, then update once
+    grad_accum: int = 1  # average the gradients of this many steps, then update once (the EMA still steps each step)
 
     MEANING: ClassVar[tuple] = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "ema_decay", "seed")
     # settings added later: part of the meaning only when set, so checkpoints written before them still resume

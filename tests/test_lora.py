@@ -182,3 +182,10 @@ def test_a_text_encoder_lora_round_trips_and_changes_the_states(tmp_path):
     plain = pipe.condition.network(sd.params, ids)
     adapted = pipe.condition.network(pipe.lora_params(), ids)
     assert np.abs(np.asarray(adapted) - np.asarray(plain)).max() > 1e-3
+
+
+def test_the_fixtures_record_their_versions():
+    for name in ("sd1pipe", "sd2pipe"):
+        with open(os.path.join(HERE, "sd_train", name, "versions.json")) as f:
+            versions = json.load(f)
+        assert {"torch", "diffusers", "peft", "safetensors", "rank", "alpha"} <= set(versions)
