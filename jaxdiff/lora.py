@@ -214,8 +214,9 @@ def save(path, lora: LoRA) -> None:
         meta[f"{prefix}.r"] = r
         meta[f"{prefix}.lora_alpha"] = int(alpha) if alpha == int(alpha) else alpha
         meta[f"{prefix}.target_modules"] = sorted({_target_of(n) for n in mods})
-        rank_pattern = {f"^{re.escape(n)}$": v for n, v in ranks.items() if v != r}
-        alpha_pattern = {f"^{re.escape(n)}$": v for n, v in alphas.items() if v != alpha}
+        # peft matches a pattern against a module's name whole or after a dot: full names pick one module
+        rank_pattern = {re.escape(n): v for n, v in ranks.items() if v != r}
+        alpha_pattern = {re.escape(n): v for n, v in alphas.items() if v != alpha}
         if rank_pattern:
             meta[f"{prefix}.rank_pattern"] = rank_pattern
         if alpha_pattern:

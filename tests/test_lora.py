@@ -189,3 +189,15 @@ def test_the_fixtures_record_their_versions():
         with open(os.path.join(HERE, "sd_train", name, "versions.json")) as f:
             versions = json.load(f)
         assert {"torch", "diffusers", "peft", "safetensors", "rank", "alpha"} <= set(versions)
+
+
+def test_modules_of_other_ranks_and_alphas_are_written_as_patterns(tmp_path):
+    sd = stable_diffusion.load(os.path.join(HERE, "sd_tiny_sd1pipe"))
+    adapter = lora.load(lora_file("sd1pipe"), sd.params)
+    alphas = {"unet": dict(adapter.alphas["unet"])}
+    alphas["unet"][Q] = 2.0
+    lora.save(tmp_path / "p.safetensors", lora.LoRA(adapter.weights, alphas))
+    meta = json.loads(read(tmp_path / "p.safetensors")[1]["lora_adapter_metadata"])
+    assert meta["unet.lora_alpha"] == 8 and list(meta["unet.alpha_pattern"].values()) == [2.0]
+    again = lora.load(tmp_path / "p.safetensors", sd.params)
+    assert again.alphas == alphas
