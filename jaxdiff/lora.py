@@ -176,7 +176,11 @@ def _set(tree, path, value):
 
 def apply_with(apply_fn, base_params, lora: LoRA, component: str = "unet", scale: float = 1.0):
     """``apply(weights, *args)``: ``apply_fn(merge(base, lora with these weights), *args)`` for component
-    ``component``: a LoRA's loss differentiates only ``weights`` (``lora.weights`` is the starting point)."""
+    ``component``: a LoRA's loss differentiates only ``weights`` (``lora.weights`` is the starting point).
+
+    ``base_params`` are closed over, so a jitted step holds them as constants of its program: fine for small
+    models; for SD-1.5's 860M parameters they should enter the step as an argument (frozen parameters beside
+    the trained ones), which ``trainer.fit`` does not take yet."""
     def apply(weights, *args):
         merged = merge({component: base_params}, lora.replace(weights), scale)
         return apply_fn(merged[component], *args)
