@@ -149,6 +149,7 @@ class Pipeline:
         if classifier is not None and not isinstance(condition, conditions.Labels):
             raise ValueError("classifier guidance needs a label pipeline")
         self._compiled = {}
+        self._loras, self._fused = [], None  # (LoRA, scale) applied in each call; (base params, LoRAs) fused
 
     @classmethod
     def for_labels(cls, spec: specs.LabelUNet, module, params, classifier=None) -> Pipeline:
@@ -318,6 +319,68 @@ class Pipeline:
         return [getattr(self.condition, "stage", "condition")] + (["encoded image"] if with_image else []) \
             + (["samples"] if self.decode is None else ["latents", "decoded image"])
 
+    def load_lora(self, path, scale: float = 1.0) -> Pipeline:
+        """Apply a LoRA file (``jaxdiff.lora.save``'s, or one diffusers / peft wrote) at ``scale``; several add
+        up. Unfused, each call merges them into a copy of the parameters once, before the sampling loop;
+        ``fuse_lora`` merges them into the parameters for good, ``unfuse_lora`` undoes that and
+        ``unload_lora`` removes every LoRA. Returns the pipeline."""
+        from jaxdiff import lora as loras
+
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        adapter = loras.load(path, self.params)
+        self._loras.append((adapter, float(scale)))
+        self._set_params({k: v for k, v in self.params.items() if k != "lora"})
+        return self
+
+    def fuse_lora(self) -> Pipeline:
+        """Merge the loaded LoRAs into the parameters (no merge per call); ``unfuse_lora`` restores them."""
+        base = {k: v for k, v in self.params.items() if k != "lora"}
+        if self._loras:
+            before, fused = self._fused if self._fused is not None else (base, [])
+            self._fused = (before, fused + self._loras)
+            merged = self._apply_loras(self.params)
+            self._loras = []
+            self._set_params(merged)
+        return self
+
+    def unfuse_lora(self) -> Pipeline:
+        """The parameters as they were before ``fuse_lora``; its LoRAs stay loaded, applied per call."""
+        if self._fused is not None:
+            base, fused = self._fused
+            self._fused, self._loras = None, fused + self._loras
+            self._set_params(base)
+        return self
+
+    def unload_lora(self) -> Pipeline:
+        """Remove every LoRA, fused or not."""
+        self.unfuse_lora()
+        self._loras = []
+        self._set_params({k: v for k, v in self.params.items() if k != "lora"})
+        return self
+
+    def lora_params(self) -> dict:
+        """The parameters the sampler uses: every loaded LoRA merged in."""
+        return self._apply_loras(self.params)
+
+    def _set_params(self, base: dict) -> None:
+        # the unfused LoRAs' weights travel with the parameters into the compiled sampler (data, not constants);
+        # their alphas and scales are read when it is traced, so a change recompiles
+        self.params = {**base, "lora": tuple(a.weights for a, _ in self._loras)} if self._loras else base
+        self._compiled.clear()
+
+    def _apply_loras(self, params: dict) -> dict:
+        if "lora" not in params:
+            return params
+        from jaxdiff import lora as loras
+
+        params = dict(params)
+        weights = params.pop("lora")
+        for w, (adapter, scale) in zip(weights, self._loras, strict=True):
+            params = loras.merge(params, adapter.replace(w), scale)
+        return params
+
     def _shape(self, height, width) -> tuple:
         if self.latent_size is None:
             if height is not None or width is not None:
@@ -362,6 +425,7 @@ class Pipeline:
 
     def _generate(self, sampler, steps, eta, clip_x0, shape, grid, options, params, cond, uncond, gamma, key, latents,
                   image):
+        params = self._apply_loras(params)
         n = gamma.shape[0]
         if self.compute_dtype is not None and "unet" in params:
             cast = lambda a: a.astype(self.compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a

@@ -349,10 +349,11 @@ class StableDiffusionUNet(Pretrained):
 
     kind: ClassVar[str] = "sd_unet"
 
-    def module(self, dtype=jnp.float32, attention: str | None = None):
+    def module(self, dtype=jnp.float32, attention: str | None = None, remat: bool = False):
+        """``remat``: gradient checkpointing of the U-Net's blocks (the same parameters and outputs)."""
         from jaxdiff.pretrained.configs import unet_from_config
 
-        return unet_from_config(self.config_dict(), dtype, attention)
+        return unet_from_config(self.config_dict(), dtype, attention, remat)
 
     def init_inputs(self):
         c = self.config_dict()

@@ -44,12 +44,19 @@ class OptimConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    weight_decay: float = 0.0
+    grad_accum: int = 1
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Adam after global-norm clipping, with a linear warmup to a constant rate."""
+    """Adam after global-norm clipping, with a linear warmup to a constant rate; AdamW (decoupled weight decay,
+    as diffusers' training scripts use) when ``weight_decay`` > 0. With ``grad_accum`` = k > 1 the gradients of
+    k consecutive steps are averaged and applied once (optax.MultiSteps): the parameters change every k-th
+    step, clipping applies to the average, and the warmup counts applied updates."""
     lr = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(lr))
+    adam = optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(lr)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
+    return optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -55,11 +55,15 @@ class TrainConfig:
     save_every: int = 1000
     keep: int = 3
     steps_per_dispatch: int = 50
+    weight_decay: float = 0.0  # > 0: AdamW
+    grad_accum: int = 1  # average the gradients of this many steps, then update once (the EMA still steps each step)
 
     MEANING: ClassVar[tuple] = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "ema_decay", "seed")
+    # settings added later: part of the meaning only when set, so checkpoints written before them still resume
+    LATER_MEANING: ClassVar[dict] = {"weight_decay": 0.0, "grad_accum": 1}
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "save_every", "keep", "steps_per_dispatch"):
+        for name in ("steps", "batch_size", "save_every", "keep", "steps_per_dispatch", "grad_accum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -70,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be a finite positive number, got {self.learning_rate!r}")
         if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a finite positive number, got {self.grad_clip!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32:
@@ -77,10 +83,12 @@ class TrainConfig:
 
     def optimizer(self):
         return train.make_optimizer(train.OptimConfig(self.learning_rate, self.warmup_steps, self.grad_clip,
-                                                      self.ema_decay))
+                                                      self.ema_decay, self.weight_decay, self.grad_accum))
 
     def meaning(self) -> dict:
-        return {k: getattr(self, k) for k in self.MEANING}
+        out = {k: getattr(self, k) for k in self.MEANING}
+        later = {k: getattr(self, k) for k, default in self.LATER_MEANING.items() if getattr(self, k) != default}
+        return {**out, **later}
 
 
 @dataclasses.dataclass

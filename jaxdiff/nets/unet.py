@@ -234,6 +234,9 @@ class UNet(nn.Module):
     center_input_sample: bool = False
     dtype: Any = jnp.float32
     attention_implementation: str | None = None
+    # gradient checkpointing: each down, mid and up block keeps only its inputs for the backward pass and
+    # recomputes its activations there (less memory, one more forward per block); same parameters and outputs
+    remat: bool = False
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -302,13 +305,16 @@ class UNet(nn.Module):
             return dict(spec=spec, channels=self.block_out_channels[i], num_layers=layers, attention=attention,
                         heads=self.num_heads[i], transformer_layers=self.transformer_layers[i])
 
+        # nn.remat counts self as argument 0: UpBlock's size (a tuple of ints, or None) is static
+        Down, Mid, Up = (nn.remat(DownBlock), nn.remat(MidBlock), nn.remat(UpBlock, static_argnums=(6,))) \
+            if self.remat else (DownBlock, MidBlock, UpBlock)
         skips = [h] if self.skips == "per_layer" else []
         for i in range(n):
-            h, level_skips = DownBlock(**level(i, self.layers_per_block[i], self.down_attention[i]),
+            h, level_skips = Down(**level(i, self.layers_per_block[i], self.down_attention[i]),
                                        downsample=i < n - 1, name=f"down_blocks_{i}")(h, emb, context, mask)
             skips += level_skips
         if self.mid_block:
-            h = MidBlock(spec, self.block_out_channels[-1], self.num_heads[-1], self.transformer_layers[-1],
+            h = Mid(spec, self.block_out_channels[-1], self.num_heads[-1], self.transformer_layers[-1],
                          self.mid_block_scale_factor, name="mid_block")(h, emb, context, mask)
         if self.skips == "per_layer":
             for k in range(n):
@@ -316,12 +322,12 @@ class UNet(nn.Module):
                 m = self.layers_per_block[i] + 1
                 block_skips, skips = skips[-m:], skips[:-m]
                 size = skips[-1].shape[1:3] if skips else None
-                h = UpBlock(**level(i, m, self.up_attention[k]), upsample=k < n - 1,
+                h = Up(**level(i, m, self.up_attention[k]), upsample=k < n - 1,
                             name=f"up_blocks_{k}")(h, emb, context, mask, block_skips, size)
         else:
             for k in range(n - 1):
                 i = n - 2 - k
-                h = UpBlock(**level(i, self.layers_per_block[i], self.up_attention[k]),
+                h = Up(**level(i, self.layers_per_block[i], self.up_attention[k]),
                             name=f"up_blocks_{k}")(h, emb, context, mask, [skips.pop()])
         if self.conv_norm_out:
             h = nn.silu(group_norm(h.shape[-1], self.dtype, groups=self.norm_num_groups, eps=self.norm_eps,

@@ -78,13 +78,14 @@ def _per_level(c: dict, key: str, n: int, component: str) -> tuple[int, ...]:
     raise _refuse(component, key, value, f"an int or a list of {n} ints (one per block)")
 
 
-def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None) -> UNet:
+def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None, remat: bool = False) -> UNet:
     """diffusers' UNet2DConditionModel config.json -> ``UNet`` with diffusers' parameter names.
 
     SD 1.x: attention_head_dim 8 is the number of HEADS per block (diffusers' legacy naming), each
     channels // 8 wide; SD 2.x: a list of heads per block ([5, 10, 20, 20]: 64 wide). ``dtype`` is the
     compute dtype; ``attention`` the implementation handed to jax.nn.dot_product_attention ("cudnn", "xla"
-    or None). ``upcast_attention`` is honoured by construction: logits and softmax are always float32."""
+    or None). ``upcast_attention`` is honoured by construction: logits and softmax are always float32.
+    ``remat``: gradient checkpointing of every block (training)."""
     comp = "UNet2DConditionModel"
     c = _read(cfg, comp, UNET_DEFAULTS, UNET_FIXED, UNET_IGNORED)
     chans = tuple(c["block_out_channels"])
@@ -131,7 +132,8 @@ def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None)
         out_channels=c["out_channels"], time_proj_dim=chans[0], flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
         freq_shift=float(c["freq_shift"]), time_embed_dim=c["time_embedding_dim"] or 4 * chans[0],
         num_class_embeds=c["num_class_embeds"], null_label=None,
-        center_input_sample=bool(c["center_input_sample"]), dtype=dtype, attention_implementation=attention)
+        center_input_sample=bool(c["center_input_sample"]), dtype=dtype, attention_implementation=attention,
+        remat=remat)
 
 
 # AutoencoderKL -------------------------------------------------------------------------------------------
