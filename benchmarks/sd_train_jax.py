@@ -2,7 +2,7 @@
 
 The step is ``train.make_train_step`` over ``sd_train.sd_loss`` (EMA of the trained weights included, as
 trainer.fit keeps one), jitted with its state donated; for LoRA the loss runs ``lora.apply_with`` over the
-frozen base U-Net, which is closed over as a device constant.
+frozen base U-Net, which enters the step as an argument.
 """
 
 from __future__ import annotations
@@ -42,34 +42,39 @@ def measure(args, mode: str, ckpt: bool, batch: int) -> dict:
     schedule = schedule_from_config(dict(SD15_SCHEDULER))
     empty = np.zeros((77, ctx_dim), np.float32)
 
-    apply = sd_train.unet_apply(module)
-    if mode == "lora":
-        adapters = lora.init({"unet": params}, rank=args.lora_rank, alpha=args.lora_rank, key=jax.random.key(1))
-        apply = lora.apply_with(apply, params, adapters)
-        trained = adapters.weights
-    else:
-        trained = params
-    loss_fn = sd_train.sd_loss(apply, schedule, "epsilon", empty_context=empty, p_uncond=0.1)
     tx = train.make_optimizer(train.OptimConfig(learning_rate=1e-5, warmup_steps=1, weight_decay=1e-2))
-    step = jax.jit(train.make_train_step(loss_fn, tx, 0.9999), donate_argnums=0)
+
+    def loss_over(base):
+        apply = sd_train.unet_apply(module)
+        if mode == "lora":
+            apply = lora.apply_with(apply, base, adapters)
+        return sd_train.sd_loss(apply, schedule, "epsilon", empty_context=empty, p_uncond=0.1)
+
+    if mode == "lora":  # the frozen base enters the step as an argument, not as constants of its program
+        adapters = lora.init({"unet": params}, rank=args.lora_rank, alpha=args.lora_rank, key=jax.random.key(1))
+        trained, base = adapters.weights, jax.device_put(params)
+    else:
+        trained, base = params, None
+    step = jax.jit(lambda state, batch, base: train.make_train_step(loss_over(base), tx, 0.9999)(state, batch),
+                   donate_argnums=0)
     state = train.init_state(trained, tx, 0)
     rng = np.random.default_rng(0)
     batch_data = (jnp.asarray(rng.standard_normal((batch, side, side, channels), np.float32)),
                   jnp.asarray(rng.standard_normal((batch, 77, ctx_dim), np.float32)))
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch_data).compile()
-    state, metrics = compiled(state, batch_data)
+    compiled = step.lower(state, batch_data, base).compile()
+    state, metrics = compiled(state, batch_data, base)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - t0
     for _ in range(args.steps - 1):
-        state, metrics = compiled(state, batch_data)
+        state, metrics = compiled(state, batch_data, base)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            state, metrics = compiled(state, batch_data)
+            state, metrics = compiled(state, batch_data, base)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     seconds = float(np.median(times)) / args.steps
