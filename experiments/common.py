@@ -33,6 +33,9 @@ FLAGS = {"train.seed": "--seed", "train.batch_size": "--batch-size", "train.lear
          "spec.attention_levels": "--attention-levels"}
 
 
+EXIT_GRACE_S = 10.0  # after a failed save, the longest the interpreter may take to exit (see _exit)
+
+
 class Failure(Exception):
     """An expected failure of a CLI run: reported in one line, exit status 2."""
 
@@ -341,7 +344,7 @@ def _exit(code: int, lock: RunLock | None, threads_may_hang: bool = False) -> No
     if lock is not None:
         lock.release()
     if threads_may_hang:
-        _exit_within(code, 10.0)
+        _exit_within(code, EXIT_GRACE_S)
     sys.exit(code)
 
 

@@ -200,7 +200,9 @@ class Checkpoints:
             raise CheckpointError(f"{self.directory} is a file, not a checkpoint folder")
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+            # a writer first removes what a failed or killed save left (N.orbax-checkpoint-tmp)
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                 cleanup_tmp_directories=create),
             item_names=ITEMS,
         )
         self._saving, self._failed, self._closed = None, False, False  # the step whose save may still fail
@@ -283,7 +285,8 @@ class Checkpoints:
             if not reported:
                 raise
         finally:
-            _quiet.release()
+            if not self._failed:  # else the failed save's threads may still be logging: stay quiet
+                _quiet.release()
 
     def __enter__(self) -> Checkpoints:
         return self

@@ -89,8 +89,62 @@ def test_resume_refuses_changed_meaning_and_has_nothing_to_do_at_its_steps(cfg_r
     code, _, err = run(capsys, "mnist_cfg", *flag(base, "--steps", "3"), "--resume")
     assert code == 0 and "already at step 4 >= --steps 3; nothing to do" in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # outputs left alone
+
+
+FAILING_SAVE = """
+import resource, signal, sys, threading
+from experiments import common
+from jaxdiff import checkpoint
+common.EXIT_GRACE_S = 1.0
+save = checkpoint.Checkpoints.save
+
+def full_disk_at_6(self, step, state, config):
+    if step == 6:
+        self.wait()  # the earlier saves are complete: only this one fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+        # as orbax's threads left waiting in the distributed key-value store, which kept the CLI from exiting
+        threading.Thread(target=threading.Event().wait, name="stuck").start()
+    return save(self, step, state, config)
+
+checkpoint.Checkpoints.save = full_disk_at_6
+from experiments.mnist_cfg import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
+def test_a_failed_save_exits_promptly_in_one_line_and_a_resume_continues(cfg_run, tiny_data, tmp_path, capsys):
+    """Issue 17: a disk that fills during a save. Writes past 1 KB fail (RLIMIT_FSIZE: no root needed), as
+    on a full disk, in orbax's background threads; a stuck non-daemon thread stands for the ones that
+    kept the interpreter from exiting. Then, with the disk back, --resume continues from step 4."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from jaxdiff.checkpoint import Checkpoints
+
+    out = tmp_path / "run"
+    shutil.copytree(cfg_run[0], out)
+    base = [*TINY, "--data-dir", tiny_data, "--out", out, "--per-label", "1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", FAILING_SAVE, *map(str, flag(base, "--steps", "6")), "--resume"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    lines = proc.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and len(lines) <= 6, proc.stderr[-3000:]
+    assert "checkpoint step 6 could not be saved" in errors[0] and "File too large" in errors[0], errors
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert time.monotonic() - t0 < 200
+    with Checkpoints(out / "checkpoints") as ckpt:
+        assert ckpt.steps() == [2, 4]
+    assert not (out / "jaxdiff.lock").exists()  # released
     code, out_text, err = run(capsys, "mnist_cfg", *flag(base, "--steps", "6"), "--resume")
-    assert code == 0 and "resumed from step 4" in err and "done: 6 steps" in out_text
+    assert code == 0 and "resumed from step 4" in err and "done: 6 steps" in out_text, err[-2000:]
+    assert "orbax-checkpoint-tmp" not in err  # the failed save's leftovers removed without a warning
     assert len((out / "loss.csv").read_text().split()) == 7
 
 
