@@ -329,7 +329,7 @@ def _lock(out: epath.Path) -> RunLock | None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        if not bool(multihost_utils.broadcast_one_to_all(np.asarray(refusal == ""))):
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(refusal == ""))):
             refusal = refusal or f"process 0 could not take the lock of {out} (another run holds it)"
     if refusal:
         raise Failure(refusal)

@@ -233,6 +233,10 @@ class Checkpoints:
         stops at once rather than training on for hours without checkpoints."""
         with self._saves(self._saving):
             self._manager.check_for_errors()
+            # orbax's finalize thread may have taken the error over (raised once) and holds it: look there too
+            finalize = getattr(getattr(self._manager, "_finalize_thread", None), "get", lambda: None)()
+            if finalize is not None and not finalize.is_alive() and getattr(finalize, "exception", None):
+                raise finalize.exception
 
     @contextlib.contextmanager
     def _saves(self, step):

@@ -12,7 +12,7 @@ Every ``save_every`` steps (and at the end) the state is saved with orbax; a res
 the spec, the settings that change what the run computes (``TrainConfig.MEANING``) and the
 caller's ``meta`` are those of the checkpoint, and raises ``ConfigMismatch`` naming each one that
 is not. Several steps run per device call (``steps_per_dispatch``) over the data-parallel mesh;
-updates with a non-finite loss or gradient are skipped and counted. Progress goes to stderr,
+updates with a non-finite loss or gradient are skipped, counted and reported. Progress goes to stderr,
 the loss to an optional CSV. Failures are exceptions, never exits.
 """
 

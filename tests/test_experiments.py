@@ -130,12 +130,13 @@ def test_a_failed_save_exits_promptly_in_one_line_and_a_resume_continues(cfg_run
     base = [*TINY, "--data-dir", tiny_data, "--out", out, "--per-label", "1"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", FAILING_SAVE, *map(str, flag(base, "--steps", "6")), "--resume"],
+    proc = subprocess.run([sys.executable, "-c", FAILING_SAVE, *map(str, flag(base, "--steps", "8")), "--resume"],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
     lines = proc.stderr.strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and len(lines) <= 6, proc.stderr[-3000:]
+    # the run stops there: by the next save at the latest (step 8), whose message still names step 6
     assert "checkpoint step 6 could not be saved" in errors[0] and "File too large" in errors[0], errors
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
     assert time.monotonic() - t0 < 200
@@ -328,3 +329,70 @@ def test_mixture_demo_prints_every_sampler_with_its_cost(tmp_path, capsys):
         assert line in out, out
     assert re.search(r"heun 10\s+20\s", out)  # two evaluations per Heun step
     assert (tmp_path / "samplers.png").stat().st_size > 0 and (tmp_path / "cfg_gammas.png").stat().st_size > 0
+
+
+def test_a_run_folder_has_one_owner(tmp_path):
+    """A live owner's lock is refused, a dead one's (same host) taken over with a notice, released at exit."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from jaxdiff.runlock import NAME, RunLock, RunLocked
+
+    notices = []
+    with RunLock(tmp_path, notice=notices.append) as held:
+        refused = rf"in use by another run \(pid {os.getpid()} on .*delete {tmp_path / NAME}"
+        with pytest.raises(RunLocked, match=refused):
+            RunLock(tmp_path).acquire()
+        assert json.loads((tmp_path / NAME).read_text())["pid"] == os.getpid() and held.held
+    assert not (tmp_path / NAME).exists() and not notices
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    with RunLock(tmp_path, notice=notices.append):
+        assert json.loads((tmp_path / NAME).read_text())["pid"] == os.getpid()
+    assert len(notices) == 1 and f"pid {dead.pid}" in notices[0] and "no longer running" in notices[0]
+    (tmp_path / NAME).write_text(json.dumps({"pid": dead.pid, "host": "another-host", "since": "then"}))
+    with pytest.raises(RunLocked, match="pid .* on another-host"):  # cannot be checked from here
+        RunLock(tmp_path).acquire()
+    (tmp_path / NAME).write_text("")
+    with pytest.raises(RunLocked, match="lock file is unreadable"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_second_run_in_a_busy_folder_is_refused_in_one_line(tiny_data, tmp_path, capsys):
+    from jaxdiff.runlock import RunLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with RunLock(out):  # the first run, still going
+        code, _, err = run(capsys, "mnist_cfg", *TINY, "--data-dir", tiny_data, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{out} is in use by another run" in err, err
+
+
+def test_flags_used_only_after_training_are_checked_before_it(tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for bad, msg in [(["--sample-steps", "5000"], "--sample-steps 5000 is more than the schedule's 1000 timesteps"),
+                     (["--eval-classifier", tmp_path / "file"], f"--eval-classifier {tmp_path / 'file'} is a file"),
+                     (["--devices", "-1"], "--devices: must be 0 (all devices) or a positive count, got -1")]:
+        code, _, err = run(capsys, "mnist_cfg", *TINY, "--data-dir", tiny_data, "--out", tmp_path / "o", *bad)
+        assert code == 2 and msg in err and "Traceback" not in err and "compiling" not in err, err[-2000:]
+        assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_data, tmp_path, capsys, monkeypatch):
+    from experiments import common
+    from jaxdiff import trainer
+
+    def interrupted(*args, **kwargs):
+        raise trainer.Interrupted("train", 37, 30, tmp_path / "o" / "checkpoints")
+
+    monkeypatch.setattr(common.trainer, "fit", interrupted)
+    code, _, err = run(capsys, "mnist_cfg", *TINY, "--data-dir", tiny_data, "--out", tmp_path / "o")
+    assert code == 130 and len(err.strip().splitlines()) == 2, err  # the run's description, then this line
+    assert err.strip().splitlines()[-1] == (f"train: interrupted after step 37; its newest checkpoint is step 30 in "
+                                            f"{tmp_path / 'o' / 'checkpoints'}; run the same command with --resume "
+                                            f"to continue")
+    assert not (tmp_path / "o" / "jaxdiff.lock").exists()
