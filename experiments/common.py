@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,8 @@ from etils import epath
 
 from experiments.png import grid, upscale, write_png
 from jaxdiff import data, distributed, sampling, specs, train, trainer
-from jaxdiff.checkpoint import CheckpointError, ConfigMismatch
+from jaxdiff.checkpoint import CheckpointError, CheckpointSaveError, ConfigMismatch
+from jaxdiff.runlock import RunLock, RunLocked
 
 # the flag behind each setting a resume must match (ConfigMismatch names settings)
 FLAGS = {"train.seed": "--seed", "train.batch_size": "--batch-size", "train.learning_rate": "--lr",
@@ -28,6 +31,9 @@ FLAGS = {"train.seed": "--seed", "train.batch_size": "--batch-size", "train.lear
          "meta.split": "--split", "meta.p_uncond": "--p-uncond", "meta.kl_weight": "--kl-weight",
          "spec.channels": "--channels", "spec.blocks_per_level": "--blocks-per-level",
          "spec.attention_levels": "--attention-levels"}
+
+
+EXIT_GRACE_S = 10.0  # after a failed save, the longest the interpreter may take to exit (see _exit)
 
 
 class Failure(Exception):
@@ -45,6 +51,16 @@ def positive_int(s):
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def device_count(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 0 (all devices) or a positive count, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all devices) or a positive count, got {s}")
     return v
 
 
@@ -124,7 +140,8 @@ def parser(description: str, steps: int, batch_size: int, out: str) -> argparse.
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU")
     g.add_argument("--steps-per-dispatch", type=positive_int, default=50, help="steps scanned in one device call")
-    g.add_argument("--devices", type=int, default=0, help="devices for data parallelism (0 = all; one process only)")
+    g.add_argument("--devices", type=device_count, default=0,
+                   help="devices for data parallelism (0 = all; one process only)")
     g.add_argument("--seed", type=seed_int, default=0)
     g = p.add_argument_group("checkpoints and output")
     g.add_argument("--out", default=out, help=f"output folder or URI: checkpoints, PNGs, loss CSV (default {out})")
@@ -184,6 +201,24 @@ def devices(args):
     return all_devices
 
 
+def check_sample_steps(args, num_timesteps: int) -> None:
+    """--sample-steps against the schedule's T, before training rather than at sampling after it."""
+    steps, sampler = getattr(args, "sample_steps", None), getattr(args, "sampler", None)
+    if steps is None or sampler is None or sampling.get(sampler).default_steps is None:  # ddpm walks all T
+        return
+    if steps > num_timesteps:
+        raise Failure(f"--sample-steps {steps} is more than the schedule's {num_timesteps} timesteps")
+
+
+def check_paths(args) -> None:
+    """Folder flags that the run writes into only after training, checked before it starts."""
+    for name in ("eval_classifier",):
+        value = getattr(args, name, None)
+        if value and epath.Path(value).exists() and not epath.Path(value).is_dir():
+            raise Failure(f"--{name.replace('_', '-')} {value} is a file; expected a folder (an evaluation "
+                          f"classifier's, or one to make it in)")
+
+
 def train_config(args, **changes) -> trainer.TrainConfig:
     values = dict(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
                   ema_decay=args.ema, seed=args.seed, save_every=args.save_every, keep=args.keep,
@@ -224,9 +259,6 @@ def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "t
                           f"nothing to do (outputs left as they are)")
     if result.start_step:
         note(f"{label}: resumed from step {result.start_step}")
-    skipped = int(result.state.skipped)
-    if skipped:
-        note(f"warning: {skipped} updates skipped for non-finite loss or gradients")
     if trainer.is_writer():
         plot_loss(out / "loss.csv", out / "loss.png", label)
     return result
@@ -234,18 +266,22 @@ def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "t
 
 @contextlib.contextmanager
 def cli(args):
-    """Run an experiment's body: join the run's processes (``jaxdiff.distributed``), then make sure
-    --out is a folder (one folder shared by every process of a multi-process run). Expected failures
-    (bad flags or data, an unwritable, unshared or damaged --out) become one line on stderr and exit
-    status 2, and an --out folder this run created is removed again if the run fails before
-    writing anything into it. ``args``: the parsed flags of ``parser``; or only the --out path, for
-    a program without the distributed flags, which then runs as one process."""
+    """Run an experiment's body: join the run's processes (``jaxdiff.distributed``), check the flags
+    that are used only after training, make sure --out is a folder (one folder shared by every process
+    of a multi-process run) and take its lock (``jaxdiff.runlock``: one run per folder; released at the
+    end). Expected failures (bad flags or data, an unwritable, unshared, damaged or busy --out, a
+    checkpoint that could not be saved) become one line on stderr and exit status 2, Ctrl-C one line
+    and status 130; an --out folder this run created is removed again if the run fails before writing
+    anything into it. ``args``: the parsed flags of ``parser``; or only the --out path, for a program
+    without the distributed flags, which then runs as one process."""
     joins = hasattr(args, "out")
     out = epath.Path(args.out if joins else args)
-    created = False
+    created, lock = False, None
     try:
         if joins:
             distributed.from_args(args)
+            check_sample_steps(args, specs.linear_schedule().num_timesteps)  # every experiment's schedule
+            check_paths(args)
         if out.exists() and not out.is_dir():
             raise Failure(f"--out {out} is a file, not a folder")
         if not out.exists():
@@ -257,17 +293,72 @@ def cli(args):
         elif not _writable(out):
             raise Failure(f"--out {out} is not writable")
         distributed.check_shared_folder(out)
+        lock = _lock(out)
         yield out
     except NothingToDo as err:
         note(str(err))
         sys.exit(0)
+    except KeyboardInterrupt as err:
+        where = str(err) if isinstance(err, trainer.Interrupted) else "interrupted"
+        resume = "; run the same command with --resume to continue" if getattr(err, "checkpoint", None) else ""
+        note(f"{where}{resume}")
+        _exit(130, lock)
     except (Failure, ValueError, CheckpointError, data.DataUnavailable, OSError) as err:
+        if lock is not None:
+            lock.release()
         if created:
             with contextlib.suppress(OSError):  # another process may have removed it, or written to it
                 if not any(out.iterdir()):
                     out.rmdir()
         print(f"error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, lock, threads_may_hang=isinstance(err, CheckpointSaveError))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(out: epath.Path) -> RunLock | None:
+    """Process 0 takes --out's lock for the whole run; every process learns whether it did, so that
+    all of a refused run's processes stop together."""
+    lock, refusal = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(out, notice=note).acquire()
+        except RunLocked as err:
+            refusal = str(err)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(refusal == ""))):
+            refusal = refusal or f"process 0 could not take the lock of {out} (another run holds it)"
+    if refusal:
+        raise Failure(refusal)
+    return lock
+
+
+def _exit(code: int, lock: RunLock | None, threads_may_hang: bool = False) -> None:
+    """sys.exit(code), the lock released first. After a failed save, orbax may leave threads behind (in a
+    multi-process run, waiting in the distributed key-value store for a save that will never finish)
+    that would keep the interpreter from exiting: a watchdog, started only as the interpreter shuts
+    down, ends the process with ``code`` if that takes longer than a few seconds."""
+    if lock is not None:
+        lock.release()
+    if threads_may_hang:
+        _exit_within(code, EXIT_GRACE_S)
+    sys.exit(code)
+
+
+def _exit_within(code: int, seconds: float) -> None:
+    def start():
+        timer = threading.Timer(seconds, lambda: (sys.stderr.flush(), os._exit(code)))
+        timer.daemon = True
+        timer.start()
+
+    # runs when the interpreter starts to shut down, before it waits for the threads left (private, since 3.9)
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # already shutting down
+            register(start)
 
 
 def note(message: str) -> None:

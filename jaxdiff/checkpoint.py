@@ -14,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-try:  # private: see _finish_every_read
+try:  # private: see _QuietOrbax
     from orbax.checkpoint._src import asyncio_utils
 except ImportError:  # pragma: no cover
     asyncio_utils = None
@@ -41,6 +43,11 @@ class ConfigMismatch(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, damaged, or not a jaxdiff checkpoint."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full or read-only disk, a lost bucket): one line naming the
+    step, the cause and the file. The steps saved before it are intact, so a resume continues from them."""
 
 
 def _normalise(config: dict) -> dict:
@@ -80,35 +87,86 @@ def _damaged_file(err: BaseException, folder: epath.Path) -> str:
     return max(found, key=len) if found else str(folder)
 
 
-@contextlib.contextmanager
-def _finish_every_read():
-    """orbax restores on a fresh event loop and closes it as soon as one array's read fails, while
-    TensorStore goes on completing the other reads and calls back into the closed loop: one
-    "Event loop is closed" traceback each, hundreds for a damaged checkpoint. For the duration of a
-    restore, run orbax's loop until every task on it has finished, failed or not. (A private hook:
-    if a later orbax lacks it, restores still work, only noisily when they fail.)"""
-    original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
-    if original is None:
-        yield
-        return
+class _QuietOrbax:
+    """While any ``Checkpoints`` is open: orbax's asyncio loops (restores on the caller's thread, saves on
+    its background threads) run until every task on them has finished, failed or not, and swallow the
+    "exception was never retrieved" reports; orbax's own error logs with tracebacks are dropped.
 
-    def run(coro):
-        loop = asyncio.new_event_loop()
-        try:
-            asyncio.set_event_loop(loop)
-            return loop.run_until_complete(coro)
-        finally:
-            pending = asyncio.all_tasks(loop)
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            asyncio.set_event_loop(None)
-            loop.close()
+    Why: when one array's read or write fails, orbax closes its loop while TensorStore goes on completing
+    the others and calls back into the closed loop, one "Event loop is closed" traceback each, and orbax
+    logs the same error again from each of its threads: a full disk gave 1,400 lines with the real error
+    near the end. jaxdiff raises that error once, as one line (``CheckpointError``,
+    ``CheckpointSaveError``). The loop runner is a private hook: a later orbax without it still works,
+    only noisily when a read or write fails."""
 
-    asyncio_utils._run_sync_via_new_loop = run
+    def __init__(self):
+        self._lock, self._users, self._original = threading.Lock(), 0, None
+
+    def acquire(self):
+        with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            logging.getLogger("absl").addFilter(_drop_orbax_tracebacks)
+            if getattr(asyncio_utils, "_run_sync_via_new_loop", None) is not None:
+                self._original = asyncio_utils._run_sync_via_new_loop
+                asyncio_utils._run_sync_via_new_loop = _run_every_task
+
+    def release(self):
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            logging.getLogger("absl").removeFilter(_drop_orbax_tracebacks)
+            if self._original is not None:
+                asyncio_utils._run_sync_via_new_loop, self._original = self._original, None
+
+
+def _run_every_task(coro):
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_unretrieved_is_reported_elsewhere)
     try:
-        yield
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
     finally:
-        asyncio_utils._run_sync_via_new_loop = original
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _unretrieved_is_reported_elsewhere(loop, context):
+    # the failed write or read that orbax's gather raised already carries the error; these are its siblings
+    if "never retrieved" not in context.get("message", ""):
+        loop.default_exception_handler(context)
+
+
+def _drop_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_quiet = _QuietOrbax()
+
+
+def _save_failure(err: BaseException, directory, step) -> str:
+    """One line for a failed save: the step, the operating system's reason (orbax and TensorStore wrap
+    it: "[Errno 28] ...", "os_error_code='28'") and the file being written."""
+    texts, chain = [], err
+    while chain is not None and len(texts) < 10:
+        texts.append(str(chain))
+        chain = chain.__cause__ or chain.__context__
+    text = " ".join(texts)
+    code = next((c for c in (getattr(e, "errno", None) for e in (err, err.__cause__)) if isinstance(c, int)), None)
+    found = re.search(r"\[Errno (\d+)\]|os_error_code='?(\d+)", text)
+    if code is None and found:
+        code = int(found.group(1) or found.group(2))
+    why = os.strerror(code) if code else _one_line(err, 200)
+    path = re.search(r'(?:Failed writing|Failed to open|local file|Failed to write)[^"]*"([^"]+)"', text)
+    path = path.group(1) if path else getattr(err, "filename", None)
+    where = f" (writing {path})" if path else ""
+    return (f"checkpoint step {step} could not be saved in {directory}: {why}{where}; the checkpoints before it are "
+            f"intact: make room or fix the disk, then resume")
 
 
 def _placed(template):
@@ -142,9 +200,13 @@ class Checkpoints:
             raise CheckpointError(f"{self.directory} is a file, not a checkpoint folder")
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+            # a writer first removes what a failed or killed save left (N.orbax-checkpoint-tmp)
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                 cleanup_tmp_directories=create),
             item_names=ITEMS,
         )
+        self._saving, self._failed, self._closed = None, False, False  # the step whose save may still fail
+        _quiet.acquire()
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -153,14 +215,36 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, state, config: dict) -> None:
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                ema=ocp.args.StandardSave(state.ema_params),
-                config=ocp.args.JsonSave(_normalise(config)),
-            ),
-        )
+        """Start saving ``step`` (orbax writes in the background). A failure of this save or of an
+        earlier one raises ``CheckpointSaveError``, here or at the next ``check``, ``wait`` or ``close``."""
+        with self._saves(int(step)):
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    ema=ocp.args.StandardSave(state.ema_params),
+                    config=ocp.args.JsonSave(_normalise(config)),
+                ),
+            )
+        self._saving = int(step)
+
+    def check(self) -> None:
+        """Raise ``CheckpointSaveError`` if a background save has failed (cheap: no waiting), so a run
+        stops at once rather than training on for hours without checkpoints."""
+        with self._saves(self._saving):
+            self._manager.check_for_errors()
+            # orbax's finalize thread may have taken the error over (raised once) and holds it: look there too
+            finalize = getattr(getattr(self._manager, "_finalize_thread", None), "get", lambda: None)()
+            if finalize is not None and not finalize.is_alive() and getattr(finalize, "exception", None):
+                raise finalize.exception
+
+    @contextlib.contextmanager
+    def _saves(self, step):
+        try:
+            yield
+        except Exception as err:
+            self._failed = True
+            raise CheckpointSaveError(_save_failure(err, self.directory, self._saving or step)) from err
 
     def config(self, step: int | None = None) -> dict:
         """The configuration saved with ``step`` (default: the newest readable one)."""
@@ -183,10 +267,30 @@ class Checkpoints:
         return self._newest("ema", lambda: ocp.args.StandardRestore(template_params), step)[1]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._saves(self._saving):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the saves under way and stop orbax's threads. After a failed save orbax's own close
+        stops at the failure and leaves its other workers running (they then keep the interpreter from
+        exiting), so the rest is closed anyway; a failure not yet reported raises ``CheckpointSaveError``."""
+        if self._closed:
+            return
+        self._closed, reported = True, self._failed
+        try:
+            with self._saves(self._saving):
+                self._manager.close()
+        except CheckpointSaveError:
+            finalize = getattr(self._manager, "_finalize_thread", None)  # private: the failed save's record
+            if finalize is not None and hasattr(finalize, "set"):
+                finalize.set(None)
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            if not reported:
+                raise
+        finally:
+            if not self._failed:  # else the failed save's threads may still be logging: stay quiet
+                _quiet.release()
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -219,8 +323,7 @@ class Checkpoints:
     def _read_step(self, step: int, item: str, args):
         folder = self.directory / str(step)
         try:
-            with _finish_every_read():
-                return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+            return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
         except KeyError as err:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has no {item!r} item "
                                   f"(a damaged or foreign checkpoint)") from err

@@ -12,6 +12,7 @@ Offline with no files, ``DataUnavailable`` says which files to put where.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import sys
@@ -51,10 +52,13 @@ def read_idx(path: str | os.PathLike, expect_ndim: int) -> np.ndarray:
         raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
     if ndim != expect_ndim:
         raise ValueError(f"{path}: expected {expect_ndim} dimensions, the header says {ndim}")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
-    if len(data) - offset != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} = {int(np.prod(dims))} bytes, file holds {len(data) - offset}")
+    if len(data) < offset:
+        raise ValueError(f"{path}: truncated inside its header ({len(data)} bytes)")
+    dims = struct.unpack(f">{ndim}I", data[4:offset])
+    size = math.prod(dims)  # exact: np.prod wraps around in int64 and could match a wrong header
+    if len(data) - offset != size:
+        raise ValueError(f"{path}: header says {dims} = {size} bytes, file holds {len(data) - offset}")
     return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
 
 

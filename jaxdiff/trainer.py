@@ -12,12 +12,13 @@ Every ``save_every`` steps (and at the end) the state is saved with orbax; a res
 the spec, the settings that change what the run computes (``TrainConfig.MEANING``) and the
 caller's ``meta`` are those of the checkpoint, and raises ``ConfigMismatch`` naming each one that
 is not. Several steps run per device call (``steps_per_dispatch``) over the data-parallel mesh;
-updates with a non-finite loss or gradient are skipped and counted. Progress goes to stderr,
+updates with a non-finite loss or gradient are skipped, counted and reported. Progress goes to stderr,
 the loss to an optional CSV. Failures are exceptions, never exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -32,11 +33,22 @@ from etils import epath
 from jaxdiff import distributed, sharding, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
 
-__all__ = ["TrainConfig", "TrainResult", "RunExists", "ConfigMismatch", "fit", "Progress", "LossLog"]
+__all__ = ["TrainConfig", "TrainResult", "RunExists", "ConfigMismatch", "Interrupted", "fit", "Progress", "LossLog"]
 
 
 class RunExists(ValueError):
     """The checkpoint folder already holds a run and ``resume`` was not asked for."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during ``fit``: the saves under way were finished first. ``step``: the last step
+    trained; ``checkpoint``: the newest saved step (None: none yet), from which a resume continues."""
+
+    def __init__(self, label: str, step: int, checkpoint: int | None, directory):
+        self.step, self.checkpoint = step, checkpoint
+        saved = f"its newest checkpoint is step {checkpoint} in {directory}" if checkpoint is not None else \
+            "no checkpoint saved yet"
+        super().__init__(f"{label}: interrupted after step {step}; {saved}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +171,18 @@ class LossLog:
     def __init__(self, path, resume_step: int = 0, every_s: float = 10.0):
         self.path, self.every_s = epath.Path(path), every_s
         rows = self.path.read_text().splitlines() if resume_step and self.path.exists() else []
-        self.rows = ["step,loss", *(r for r in rows[1:] if r and int(r.split(",")[0]) <= resume_step)]
+        self.rows = ["step,loss", *(r for i, r in enumerate(rows[1:], 2) if r and self._step(r, i) <= resume_step)]
         self.flush()
+
+    def _step(self, row: str, line: int) -> int:
+        """The step of a kept row, checked whole: a damaged log is refused before training, not by the plot after it."""
+        try:
+            step, loss = row.split(",")
+            float(loss)
+            return int(step)
+        except ValueError:
+            raise ValueError(f"{self.path} line {line}: expected 'step,loss' numbers, got {row[:80]!r} (fix or "
+                             f"delete that line, or the file)") from None
 
     def append(self, first_step: int, losses) -> None:
         self.rows += [f"{first_step + i},{float(v):.6f}" for i, v in enumerate(losses)]
@@ -232,16 +254,25 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         if start >= config.steps:
             return TrainResult(state, start, 0.0, float("nan"))
         log = LossLog(loss_log, start) if loss_log is not None and is_writer() else None
-        result = _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label)
-        if ckpt is not None:
-            ckpt.wait()
+        at = {"step": start}  # where _loop has got to, for an interruption's message
+        try:
+            result = _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at)
+            if ckpt is not None:
+                ckpt.wait()
+        except KeyboardInterrupt:
+            newest = None
+            if ckpt is not None:
+                with contextlib.suppress(Exception):  # a failed save: the steps before it stay the newest
+                    ckpt.wait()
+                newest = ckpt.latest_step()
+            raise Interrupted(label, at["step"], newest, ckpt.directory if ckpt else None) from None
         return result
     finally:
         if ckpt is not None:
             ckpt.close()
 
 
-def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label) -> TrainResult:
+def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at) -> TrainResult:
     sharded = sharding.is_sharded(mesh)
     multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state) if sharded
                   else train.data_parallel(loss_fn, tx, config.ema_decay, mesh))
@@ -251,12 +282,18 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
         Progress(label, config.steps, config.batch_size) if progress and is_writer() else None)
     if show:
         show.start(step, mesh.devices.size)
+    skips = Skips(label, show.stream if show else sys.stderr)
     t0, warm_t, warm_images = time.perf_counter(), None, 0
     while step < config.steps:
         k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
-        local = _local(batches.stack(step, k), config.batch_size)
+        stacked = batches.stack(step, k)
+        check_batches(stacked, step, k, spec, first=step == start)
+        local = _local(stacked, config.batch_size)
         state, metrics = multi_step(state, put(local, mesh))
         losses = np.asarray(metrics["loss"])  # one host sync per dispatch
+        skips.update(step, np.asarray(metrics["finite"]))
+        if ckpt is not None:
+            ckpt.check()  # a background save that failed stops the run here, not at the end
         if warm_t is None:
             warm_t = time.perf_counter()
         else:
@@ -264,6 +301,7 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
         if log is not None:
             log.append(step + 1, losses)
         step += k
+        at["step"] = step
         if show:
             show.update(step, k, float(losses.mean()))
         if ckpt is not None and (step % config.save_every == 0 or step == config.steps):
@@ -274,8 +312,67 @@ def _loop(state, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress,
         log.flush()
     if show:
         show.close()
+    skips.close(step - start)
     rate = warm_images / (time.perf_counter() - warm_t) if warm_images else float("nan")
     return TrainResult(state, start, time.perf_counter() - t0, rate)
+
+
+class Skips:
+    """Say when updates are being skipped for a non-finite loss or gradient (bad batches, a learning
+    rate too high, overflow in reduced precision): a warning when it starts, again at most every
+    ``every_s`` seconds while it goes on, and the count at the end. Process 0 speaks."""
+
+    def __init__(self, label: str, stream, every_s: float = 60.0):
+        self.label, self.stream, self.every_s = label, stream, every_s
+        self.count, self.last = 0, None
+
+    def update(self, first_step: int, finite) -> None:
+        bad = int(np.size(finite) - np.count_nonzero(finite))
+        self.count += bad
+        if not bad or not is_writer() or (self.last is not None and time.monotonic() - self.last < self.every_s):
+            return
+        self.last = time.monotonic()
+        print(f"{self.label}: warning: {bad} of the {np.size(finite)} updates of steps {first_step + 1}.."
+              f"{first_step + np.size(finite)} skipped (non-finite loss or gradients; {self.count} so far): the "
+              f"parameters are not changed by them", file=self.stream, flush=True)
+
+    def close(self, steps: int) -> None:
+        if self.count and is_writer():
+            every = " (every one: the parameters did not change)" if self.count == steps else ""
+            print(f"{self.label}: warning: {self.count} of {steps} updates skipped for a non-finite loss or "
+                  f"gradients{every}", file=self.stream, flush=True)
+
+
+def check_batches(stacked, step: int, count: int, spec, first: bool) -> None:
+    """What ``batches.stack(step, count)`` gave must be ``count`` batches (images, labels): every dispatch
+    checks the count (a short source would count steps it never took); the first also the images'
+    dtype, range and shape against the spec and the labels' dtype and range. Raises ValueError naming
+    what was wrong."""
+    where = f"batches.stack({step}, {count})"
+    if not isinstance(stacked, (tuple, list)) or len(stacked) != 2:
+        raise ValueError(f"{where} must give a pair (images, labels), got {type(stacked).__name__}")
+    x, y = stacked
+    for name, a in (("images", x), ("labels", y)):
+        n = np.shape(a)[0] if np.ndim(a) else None
+        if n != count:
+            raise ValueError(f"{where} gave {n} batches of {name} (shape {np.shape(a)}); expected {count}: a batch "
+                             f"source must give every batch it is asked for")
+    if not first:
+        return
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype != np.uint8:
+        lo, hi = (float(np.min(x)), float(np.max(x))) if x.size and np.issubdtype(x.dtype, np.number) else (0, 0)
+        raise ValueError(f"{where} gave images of dtype {x.dtype} (values {lo:g}..{hi:g}); expected uint8 in 0..255 "
+                         f"(jaxdiff.data.to_uint8 converts [-1, 1] floats; scale [0, 1] floats by 255)")
+    image_shape = tuple(getattr(spec, "image_shape", ()) or ())
+    if image_shape and x.shape[2:] != image_shape:
+        raise ValueError(f"{where} gave images of shape {x.shape[2:]} each; the spec's image_shape is {image_shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape[:2] != (count, x.shape[1]):
+        raise ValueError(f"{where} gave labels of dtype {y.dtype} and shape {y.shape}; expected integers of shape "
+                         f"({count}, {x.shape[1]})")
+    classes = getattr(spec, "num_classes", None)
+    if classes and y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"{where} gave labels {y.min()}..{y.max()}; the spec has classes 0..{classes - 1}")
 
 
 def _local(stacked, batch_size: int):

@@ -116,3 +116,20 @@ def test_uint8_float_conversions():
     np.testing.assert_allclose(f, [-1, 127 / 127.5 - 1, 1])
     np.testing.assert_array_equal(data.to_uint8(f), u)
     np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 3.0])), [0, 255])
+
+
+def test_an_idx_header_whose_sizes_overflow_names_the_file(tmp_path):
+    """2**31 * 2**31 * 4 = 2**64 wraps to 0 in int64, so np.prod once matched an empty file's size."""
+    import gzip
+    import struct
+
+    path = tmp_path / data.FILES["train"][0]
+    for dims, payload in [((2**31, 2**31, 4), b""), ((2**32 - 1, 2**32 - 1, 2**32 - 1), b"\0" * 784)]:
+        with gzip.open(path, "wb") as f:
+            f.write(struct.pack(">HBB3I", 0, 8, 3, *dims) + payload)
+        with pytest.raises(ValueError, match=rf"^{path}: header says .* = \d+ bytes, file holds {len(payload)}$"):
+            data.read_idx(path, 3)
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 3) + b"\0\0")
+    with pytest.raises(ValueError, match=rf"^{path}: truncated inside its header"):
+        data.read_idx(path, 3)

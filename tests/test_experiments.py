@@ -89,8 +89,63 @@ def test_resume_refuses_changed_meaning_and_has_nothing_to_do_at_its_steps(cfg_r
     code, _, err = run(capsys, "mnist_cfg", *flag(base, "--steps", "3"), "--resume")
     assert code == 0 and "already at step 4 >= --steps 3; nothing to do" in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # outputs left alone
+
+
+FAILING_SAVE = """
+import resource, signal, sys, threading
+from experiments import common
+from jaxdiff import checkpoint
+common.EXIT_GRACE_S = 1.0
+save = checkpoint.Checkpoints.save
+
+def full_disk_at_6(self, step, state, config):
+    if step == 6:
+        self.wait()  # the earlier saves are complete: only this one fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+        # as orbax's threads left waiting in the distributed key-value store, which kept the CLI from exiting
+        threading.Thread(target=threading.Event().wait, name="stuck").start()
+    return save(self, step, state, config)
+
+checkpoint.Checkpoints.save = full_disk_at_6
+from experiments.mnist_cfg import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
+def test_a_failed_save_exits_promptly_in_one_line_and_a_resume_continues(cfg_run, tiny_data, tmp_path, capsys):
+    """Issue 17: a disk that fills during a save. Writes past 1 KB fail (RLIMIT_FSIZE: no root needed), as
+    on a full disk, in orbax's background threads; a stuck non-daemon thread stands for the ones that
+    kept the interpreter from exiting. Then, with the disk back, --resume continues from step 4."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from jaxdiff.checkpoint import Checkpoints
+
+    out = tmp_path / "run"
+    shutil.copytree(cfg_run[0], out)
+    base = [*TINY, "--data-dir", tiny_data, "--out", out, "--per-label", "1"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", FAILING_SAVE, *map(str, flag(base, "--steps", "8")), "--resume"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    lines = proc.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and len(lines) <= 6, proc.stderr[-3000:]
+    # the run stops there: by the next save at the latest (step 8), whose message still names step 6
+    assert "checkpoint step 6 could not be saved" in errors[0] and "File too large" in errors[0], errors
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert time.monotonic() - t0 < 200
+    with Checkpoints(out / "checkpoints") as ckpt:
+        assert ckpt.steps() == [2, 4]
+    assert not (out / "jaxdiff.lock").exists()  # released
     code, out_text, err = run(capsys, "mnist_cfg", *flag(base, "--steps", "6"), "--resume")
-    assert code == 0 and "resumed from step 4" in err and "done: 6 steps" in out_text
+    assert code == 0 and "resumed from step 4" in err and "done: 6 steps" in out_text, err[-2000:]
+    assert "orbax-checkpoint-tmp" not in err  # the failed save's leftovers removed without a warning
     assert len((out / "loss.csv").read_text().split()) == 7
 
 
@@ -274,3 +329,70 @@ def test_mixture_demo_prints_every_sampler_with_its_cost(tmp_path, capsys):
         assert line in out, out
     assert re.search(r"heun 10\s+20\s", out)  # two evaluations per Heun step
     assert (tmp_path / "samplers.png").stat().st_size > 0 and (tmp_path / "cfg_gammas.png").stat().st_size > 0
+
+
+def test_a_run_folder_has_one_owner(tmp_path):
+    """A live owner's lock is refused, a dead one's (same host) taken over with a notice, released at exit."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from jaxdiff.runlock import NAME, RunLock, RunLocked
+
+    notices = []
+    with RunLock(tmp_path, notice=notices.append) as held:
+        refused = rf"in use by another run \(pid {os.getpid()} on .*delete {tmp_path / NAME}"
+        with pytest.raises(RunLocked, match=refused):
+            RunLock(tmp_path).acquire()
+        assert json.loads((tmp_path / NAME).read_text())["pid"] == os.getpid() and held.held
+    assert not (tmp_path / NAME).exists() and not notices
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    with RunLock(tmp_path, notice=notices.append):
+        assert json.loads((tmp_path / NAME).read_text())["pid"] == os.getpid()
+    assert len(notices) == 1 and f"pid {dead.pid}" in notices[0] and "no longer running" in notices[0]
+    (tmp_path / NAME).write_text(json.dumps({"pid": dead.pid, "host": "another-host", "since": "then"}))
+    with pytest.raises(RunLocked, match="pid .* on another-host"):  # cannot be checked from here
+        RunLock(tmp_path).acquire()
+    (tmp_path / NAME).write_text("")
+    with pytest.raises(RunLocked, match="lock file is unreadable"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_second_run_in_a_busy_folder_is_refused_in_one_line(tiny_data, tmp_path, capsys):
+    from jaxdiff.runlock import RunLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with RunLock(out):  # the first run, still going
+        code, _, err = run(capsys, "mnist_cfg", *TINY, "--data-dir", tiny_data, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{out} is in use by another run" in err, err
+
+
+def test_flags_used_only_after_training_are_checked_before_it(tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for bad, msg in [(["--sample-steps", "5000"], "--sample-steps 5000 is more than the schedule's 1000 timesteps"),
+                     (["--eval-classifier", tmp_path / "file"], f"--eval-classifier {tmp_path / 'file'} is a file"),
+                     (["--devices", "-1"], "--devices: must be 0 (all devices) or a positive count, got -1")]:
+        code, _, err = run(capsys, "mnist_cfg", *TINY, "--data-dir", tiny_data, "--out", tmp_path / "o", *bad)
+        assert code == 2 and msg in err and "Traceback" not in err and "compiling" not in err, err[-2000:]
+        assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_data, tmp_path, capsys, monkeypatch):
+    from experiments import common
+    from jaxdiff import trainer
+
+    def interrupted(*args, **kwargs):
+        raise trainer.Interrupted("train", 37, 30, tmp_path / "o" / "checkpoints")
+
+    monkeypatch.setattr(common.trainer, "fit", interrupted)
+    code, _, err = run(capsys, "mnist_cfg", *TINY, "--data-dir", tiny_data, "--out", tmp_path / "o")
+    assert code == 130 and len(err.strip().splitlines()) == 2, err  # the run's description, then this line
+    assert err.strip().splitlines()[-1] == (f"train: interrupted after step 37; its newest checkpoint is step 30 in "
+                                            f"{tmp_path / 'o' / 'checkpoints'}; run the same command with --resume "
+                                            f"to continue")
+    assert not (tmp_path / "o" / "jaxdiff.lock").exists()

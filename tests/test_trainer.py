@@ -4,6 +4,7 @@ and EMA samples that are right after a short run."""
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -143,3 +144,67 @@ def test_the_loss_log_rewrites_on_flush_and_a_resume_drops_rows_past_its_checkpo
     assert path.read_text() == "step,loss\n1,0.500000\n"
     resumed.append(2, [0.125])
     assert path.read_text() == "step,loss\n1,0.500000\n2,0.125000\n" and not (tmp_path / "loss.csv.tmp").exists()
+
+
+def tiny_loss(params, x, y, key, shard):
+    """A loss without a network, so these tests compile in moments."""
+    return jnp.mean((params["w"] - x.astype(jnp.float32).mean() / 255.0) ** 2)
+
+
+class Source:
+    """A batch source of ``squares`` that can be told to misbehave."""
+
+    def __init__(self, short=False, transform=None, interrupt_at=None):
+        x, y = squares()
+        self.inner, self.batch_size = data.Batches(x, y, 8, 0), 8
+        self.short, self.transform, self.interrupt_at = short, transform, interrupt_at
+
+    def stack(self, start, count):
+        if start == self.interrupt_at:
+            raise KeyboardInterrupt
+        x, y = self.inner.stack(start, count - 1 if self.short else count)
+        return self.transform(x, y) if self.transform else (x, y)
+
+
+@pytest.mark.parametrize("source, msg", [
+    (Source(short=True), r"batches.stack\(0, 2\) gave 1 batches of images .* expected 2"),
+    (Source(transform=lambda x, y: (x / 255.0, y)), r"images of dtype float64 \(values 0..1\); expected uint8"),
+    (Source(transform=lambda x, y: (x[:, :, :4], y)), r"images of shape \(4, 8, 1\) each; the spec's image_shape is "
+                                                       r"\(8, 8, 1\)"),
+    (Source(transform=lambda x, y: (x, y + 2)), r"labels 2..3; the spec has classes 0..1"),
+    (Source(transform=lambda x, y: (x, y.astype(np.float32))), r"labels of dtype float32"),
+])
+def test_what_a_batch_source_gives_is_checked_before_the_first_step(source, msg, tmp_path):
+    with pytest.raises(ValueError, match=msg):
+        trainer.fit(SPEC, tiny_loss, source, config(), params={"w": jnp.zeros(3)}, directory=tmp_path / "ck",
+                    progress=False)
+    assert not list((tmp_path / "ck").iterdir())  # refused before a step was counted or saved
+
+
+def test_skipped_updates_are_reported_when_they_start_and_counted_at_the_end(capsys):
+    nan_loss = lambda params, x, y, key, shard: tiny_loss(params, x, y, key, shard) * jnp.nan
+    result = trainer.fit(SPEC, nan_loss, Source(), config(), params={"w": jnp.zeros(3)}, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert int(result.state.skipped) == 6 and len(err) == 2, err  # one warning for 3 dispatches, then the count
+    assert "2 of the 2 updates of steps 1..2 skipped (non-finite loss or gradients" in err[0]
+    assert "6 of 6 updates skipped" in err[1] and "every one" in err[1]
+    np.testing.assert_array_equal(np.asarray(result.state.params["w"]), np.zeros(3))
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_a_resume_continues(tmp_path):
+    with pytest.raises(trainer.Interrupted, match=r"interrupted after step 4; its newest checkpoint is step 3") as e:
+        trainer.fit(SPEC, tiny_loss, Source(interrupt_at=4), config(steps_per_dispatch=1), params={"w": jnp.zeros(3)},
+                    directory=tmp_path / "ck", progress=False)
+    assert (e.value.step, e.value.checkpoint) == (4, 3) and isinstance(e.value, KeyboardInterrupt)
+    resumed = trainer.fit(SPEC, tiny_loss, Source(), config(), params={"w": jnp.zeros(3)}, directory=tmp_path / "ck",
+                          resume=True, progress=False)
+    assert resumed.start_step == 3 and int(resumed.state.step) == 6
+
+
+def test_a_damaged_loss_log_is_refused_on_resume_naming_file_and_line(tmp_path):
+    path = tmp_path / "loss.csv"
+    path.write_text("step,loss\n1,0.5\n2,abc\n3,nan\n")
+    with pytest.raises(ValueError, match=rf"^{path} line 3: expected 'step,loss' numbers, got '2,abc'"):
+        trainer.LossLog(path, resume_step=2)
+    path.write_text("step,loss\n1,0.5\n2,nan\n")  # a non-finite loss is a value, not damage
+    assert trainer.LossLog(path, resume_step=2).rows == ["step,loss", "1,0.5", "2,nan"]
