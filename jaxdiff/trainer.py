@@ -345,9 +345,9 @@ class Skips:
 
 def check_batches(stacked, step: int, count: int, spec, first: bool) -> None:
     """What ``batches.stack(step, count)`` gave must be ``count`` batches (images, labels): every dispatch
-    checks the count (a short source would count steps it never took); the first also the images'
-    dtype, range and shape against the spec and the labels' dtype and range. Raises ValueError naming
-    what was wrong."""
+    checks the count (a short source would count steps it never took); for a spec of pixel images
+    (one with ``image_shape``) the first also the images' dtype, range and shape and the labels' dtype and
+    range. Raises ValueError naming what was wrong."""
     where = f"batches.stack({step}, {count})"
     if not isinstance(stacked, (tuple, list)) or len(stacked) != 2:
         raise ValueError(f"{where} must give a pair (images, labels), got {type(stacked).__name__}")
@@ -357,15 +357,15 @@ def check_batches(stacked, step: int, count: int, spec, first: bool) -> None:
         if n != count:
             raise ValueError(f"{where} gave {n} batches of {name} (shape {np.shape(a)}); expected {count}: a batch "
                              f"source must give every batch it is asked for")
-    if not first:
+    image_shape = tuple(getattr(spec, "image_shape", ()) or ())
+    if not first or not image_shape:  # latents and text states (Stable Diffusion) are the loss's to read
         return
     x, y = np.asarray(x), np.asarray(y)
     if x.dtype != np.uint8:
         lo, hi = (float(np.min(x)), float(np.max(x))) if x.size and np.issubdtype(x.dtype, np.number) else (0, 0)
         raise ValueError(f"{where} gave images of dtype {x.dtype} (values {lo:g}..{hi:g}); expected uint8 in 0..255 "
                          f"(jaxdiff.data.to_uint8 converts [-1, 1] floats; scale [0, 1] floats by 255)")
-    image_shape = tuple(getattr(spec, "image_shape", ()) or ())
-    if image_shape and x.shape[2:] != image_shape:
+    if x.shape[2:] != image_shape:
         raise ValueError(f"{where} gave images of shape {x.shape[2:]} each; the spec's image_shape is {image_shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.shape[:2] != (count, x.shape[1]):
         raise ValueError(f"{where} gave labels of dtype {y.dtype} and shape {y.shape}; expected integers of shape "
