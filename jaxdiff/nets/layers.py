@@ -58,15 +58,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     inputs (which is what diffusers' ``upcast_attention`` asks for). Where the fused kernel does not
     apply (float32, a head width it does not take, a mask), "cudnn" quietly means XLA, so one setting
     serves a whole network whose levels differ."""
-    if implementation == "cudnn" and not cudnn_attention_fits(q, mask):
+    if implementation == "cudnn" and not cudnn_attention_fits(q, mask, k):
         implementation = None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def cudnn_attention_fits(q, mask=None) -> bool:
+def cudnn_attention_fits(q, mask=None, k=None) -> bool:
     """cuDNN's fused attention takes bf16/fp16 heads whose width is a multiple of 8, at most 128 (256 on
-    Hopper and later), and here no mask (the text encoder's causal mask stays on XLA: it is small)."""
+    Hopper and later), and here no mask (the text encoder's causal mask stays on XLA: it is small). Its
+    gradient (jax 0.11.2) also wants even sequence lengths: cross-attention to CLIP's 77 tokens stays on
+    XLA, where it is cheap (77 keys), so a training step can be differentiated."""
     if mask is not None or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
+        return False
+    if q.shape[1] % 2 or (k is not None and k.shape[1] % 2):
         return False
     try:
         major = int(str(jax.devices()[0].compute_capability).split(".")[0])
