@@ -58,8 +58,12 @@ def test_clip_loss_against_float64_numpy():
 
 
 def test_contrastive_training_aligns_images_and_captions():
-    """A few hundred steps on 10 synthetic 'classes' (a bar whose height is the class; pooled
-    features are blind to position, so size is what tells them apart)."""
+    """300 steps on 10 synthetic 'classes' (a bar whose height is the class; pooled features are
+    blind to position, so size is what tells them apart). The learning rate decays to zero: at a
+    constant 3e-3, Adam's steps grow as the loss (and the gradient) shrinks, and a loss spike can
+    land on the last step (1 seed in 8 ended at 1.1 with 4 of 10 right). Decayed, 12 seeds of both
+    encoders all ended at loss 0.025..0.156, every image and every caption nearest its partner by a
+    cosine margin of 0.085..0.254."""
     import optax
 
     imgs = np.zeros((10, 28, 28, 1), np.float32) - 1
@@ -74,23 +78,25 @@ def test_contrastive_training_aligns_images_and_captions():
     def loss(p):
         return clip_loss(image.apply(p["image"], imgs), text.apply(p["text"], ids, mask)[1], p["logit_scale"])
 
-    tx = optax.adam(3e-3)
+    steps = 300
+    tx = optax.adam(optax.cosine_decay_schedule(3e-3, steps))
     opt = tx.init(params)
 
     @jax.jit
     def step(p, o):
-        l, g = jax.value_and_grad(loss)(p)
-        u, o = tx.update(g, o)
-        return optax.apply_updates(p, u), o, l
+        u, o = tx.update(jax.grad(loss)(p), o)
+        return optax.apply_updates(p, u), o
 
-    first = float(loss(params))
-    for _ in range(300):
-        params, opt, last = step(params, opt)
-    assert float(last) < 0.25 * first, (first, float(last))
-    zero_shot = image.apply(params["image"], imgs) @ text.apply(params["text"], ids, mask)[1].T
-    # chance is 1 in 10; 9 of 10 leaves room for a last pair of neighbouring bars that the initial
-    # parameters (which move at the ulp level with the XLA build) leave unresolved after 300 steps
-    assert np.mean(np.argmax(np.asarray(zero_shot), 1) == np.arange(10)) >= 0.9
+    for _ in range(steps):
+        params, opt = step(params, opt)
+    # chance (uniform logits) is log 10 = 2.3
+    assert float(loss(params)) < 0.3, float(loss(params))
+    img_emb = np.asarray(image.apply(params["image"], imgs), np.float64)
+    txt_emb = np.asarray(text.apply(params["text"], ids, mask)[1], np.float64)
+    cos = (img_emb / np.linalg.norm(img_emb, axis=1, keepdims=True)) @ (
+        txt_emb / np.linalg.norm(txt_emb, axis=1, keepdims=True)).T
+    # zero-shot: every image's nearest caption is its own, both ways (chance is 1 in 10)
+    assert (cos.argmax(1) == np.arange(10)).all() and (cos.argmax(0) == np.arange(10)).all(), cos.round(2)
 
 
 def test_held_out_templates_are_unseen():
