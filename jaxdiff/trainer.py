@@ -207,7 +207,7 @@ def checkpoint_config(spec, config: TrainConfig, meta: dict | None) -> dict:
 def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None, params: Any = None,
           resume: bool = False, meta: dict | None = None, devices=None, loss_log=None,
           progress: bool | Progress = True, label: str = "train", mesh: str | None = None,
-          frozen: Any = None) -> TrainResult:
+          frozen: Any = None, every: tuple[int, Callable] | None = None) -> TrainResult:
     """Train ``params`` (default: ``spec.init(config.seed)``) on ``loss_fn`` for ``config.steps`` steps.
 
     ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
@@ -224,7 +224,12 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     ``frozen``: parameters the loss reads but does not train (a LoRA's base network); then ``loss_fn(frozen)``
     is the loss. They are placed on the mesh as the state is (replicated, or split over fsdp), enter every
     step as data and are neither checkpointed nor averaged.
+    ``every``: ``(n, fn)`` calls ``fn(state, step)`` after every n-th step (dispatches end there), on every
+    process, e.g. to draw validation samples from the EMA parameters while training goes on.
     """
+    if every is not None and (isinstance(every[0], bool) or not isinstance(every[0], (int, np.integer))
+                              or every[0] < 1 or not callable(every[1])):
+        raise ValueError(f"every must be (a positive number of steps, a function of (state, step)), got {every!r}")
     tx = config.optimizer()
     if params is None and mesh is None:
         params = spec.init(config.seed)
@@ -264,7 +269,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         at = {"step": start}  # where _loop has got to, for an interruption's message
         try:
             result = _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
-                           frozen)
+                           frozen, every)
             if ckpt is not None:
                 ckpt.wait()
         except KeyboardInterrupt:
@@ -281,7 +286,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
 
 
 def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
-          frozen=None) -> TrainResult:
+          frozen=None, every=None) -> TrainResult:
     sharded = sharding.is_sharded(mesh)
     multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state, frozen=frozen) if sharded
                   else train.data_parallel(loss_fn, tx, config.ema_decay, mesh))
@@ -295,6 +300,8 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
     t0, warm_t, warm_images = time.perf_counter(), None, 0
     while step < config.steps:
         k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
+        if every is not None:
+            k = min(k, every[0] - step % every[0])
         stacked = batches.stack(step, k)
         check_batches(stacked, step, k, spec, first=step == start)
         local = _local(stacked, config.batch_size)
@@ -317,6 +324,8 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
             ckpt.save(step, state, saved)
             if log is not None:
                 log.flush()
+        if every is not None and step % every[0] == 0:
+            every[1](state, step)
     if log is not None:
         log.flush()
     if show:
