@@ -227,23 +227,29 @@ def train_config(args, **changes) -> trainer.TrainConfig:
 
 
 def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "train", params=None,
-        config: trainer.TrainConfig | None = None, stage: bool = False, flags: dict | None = None) -> trainer.TrainResult:
+        config: trainer.TrainConfig | None = None, stage: bool = False, flags: dict | None = None,
+        batches=None, what: str | None = None, **fit_kw) -> trainer.TrainResult:
     """Train (or resume, with --resume) into ``out``: checkpoints/, loss.csv, loss.png. A run already at
     --steps raises NothingToDo, unless it is one ``stage`` of several (then its state is used as it is).
-    ``flags`` names the flag behind a setting where it is not the one in FLAGS."""
+    ``flags`` names the flag behind a setting where it is not the one in FLAGS. ``batches``: a batch
+    source instead of ``images`` and ``labels`` (then ``what`` says what is trained, for the first line);
+    ``fit_kw`` go to ``trainer.fit`` (``mesh``, ``frozen``, ``every``)."""
     out = epath.Path(out)
     config = config or train_config(args)
     devs = devices(args)
     if config.batch_size % len(devs):
         raise Failure(f"--batch-size {config.batch_size} must be divisible by the {len(devs)} devices")
-    batches = distributed.Batches(images, labels, config.batch_size, config.seed)
+    if batches is None:
+        batches = distributed.Batches(images, labels, config.batch_size, config.seed)
+        what = (f"{spec.kind} {getattr(spec, 'channels', '')}, {spec.num_params():,} parameters, "
+                f"{len(images)} training images")
     if trainer.is_writer():
         out.mkdir(parents=True, exist_ok=True)
-        print(f"{label}: {spec.kind} {getattr(spec, 'channels', '')}, {spec.num_params():,} parameters, "
-              f"{len(images)} training images, {len(devs)} x {devs[0].device_kind}", file=sys.stderr)
+        print(f"{label}: {what}, {len(devs)} x {devs[0].device_kind}", file=sys.stderr)
     try:
         result = trainer.fit(spec, loss_fn, batches, config, directory=out / "checkpoints", params=params,
-                             resume=args.resume, meta=meta, devices=devs, loss_log=out / "loss.csv", label=label)
+                             resume=args.resume, meta=meta, devices=devs, loss_log=out / "loss.csv", label=label,
+                             **fit_kw)
     except ConfigMismatch as err:
         names = {**FLAGS, **(flags or {})}
         named = [f"{names.get(k, k)}: checkpoint has {a!r}, this run has {b!r}" for k, a, b in err.diffs]

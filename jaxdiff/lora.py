@@ -19,9 +19,9 @@ older ``lora.down`` / ``lora.up`` keys with ``.alpha`` tensors. Kohya's ``lora_u
 refused with one clear line.
 
     lora = lora.init(sd.params, rank=4, alpha=4, key=jax.random.key(0))        # U-Net attention projections
-    apply = lora.apply_with(sd_train.unet_apply(sd.unet), sd.params["unet"], lora)
-    loss = sd_train.sd_loss(apply, sd.schedule, sd.prediction, empty_context=...)
-    result = trainer.fit(None, loss, batches, config, params=lora.weights)
+    loss = lambda base: sd_train.sd_loss(lora.apply_with(sd_train.unet_apply(sd.unet), base, lora), sd.schedule,
+                                         sd.prediction, empty_context=...)
+    result = trainer.fit(None, loss, batches, config, params=lora.weights, frozen=sd.params["unet"])
     lora.save("my_lora.safetensors", lora.replace(result.state.ema_params))
 """
 
@@ -178,9 +178,12 @@ def apply_with(apply_fn, base_params, lora: LoRA, component: str = "unet", scale
     """``apply(weights, *args)``: ``apply_fn(merge(base, lora with these weights), *args)`` for component
     ``component``: a LoRA's loss differentiates only ``weights`` (``lora.weights`` is the starting point).
 
-    ``base_params`` are closed over, so a jitted step holds them as constants of its program: fine for small
-    models; for SD-1.5's 860M parameters they should enter the step as an argument (frozen parameters beside
-    the trained ones), which ``trainer.fit`` does not take yet."""
+    ``base_params`` are closed over: called inside a traced function with traced base parameters, they are
+    data; closed over concrete arrays, a jitted step would hold them as constants of its program. So train
+    with ``trainer.fit(..., frozen=base)`` and a loss built from the frozen parameters it is handed::
+
+        loss = lambda base: sd_train.sd_loss(lora.apply_with(apply, base, adapters), ...)
+        trainer.fit(None, loss, batches, config, params=adapters.weights, frozen=sd.params["unet"])"""
     def apply(weights, *args):
         merged = merge({component: base_params}, lora.replace(weights), scale)
         return apply_fn(merged[component], *args)

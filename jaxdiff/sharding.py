@@ -147,34 +147,39 @@ def shard_batches(batches, mesh: Mesh):
     return train.shard_batches(batches, mesh, axes=BATCH)
 
 
-def train_step(loss_fn, tx, ema_decay: float, mesh: Mesh, state, host_loop: bool | None = None):
+def train_step(loss_fn, tx, ema_decay: float, mesh: Mesh, state, host_loop: bool | None = None, frozen=None):
     """The multi-step ``(state, batches) -> (state, metrics)`` for a state laid out as ``state`` is (from
     ``init_state``), batches from ``shard_batches``; the state is donated. The state returned by every
     step is constrained to that layout, so it stays split inside a scan too; where the gradients live in
     between is XLA's choice (on simulated CPU devices: reduced whole, then each device keeps its slice).
-    ``host_loop`` as in ``train.data_parallel`` (default: separate calls of one step on a CPU)."""
+    ``host_loop`` as in ``train.data_parallel`` (default: separate calls of one step on a CPU). ``frozen``:
+    parameters the loss reads but does not train (``train.make_train_step``), laid out as they are given
+    (``place(frozen, shardings(frozen, mesh))`` splits them like the state); the steps then take them as a
+    third argument."""
     layout = jax.tree.map(lambda a: a.sharding, state)
+    frozen_layout = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
     replicated = NamedSharding(mesh, P())
     step = train.make_train_step(loss_fn, tx, ema_decay)
 
-    def pinned(state, batch):
-        new, metrics = step(state, batch)
+    def pinned(state, batch, frozen=None):
+        new, metrics = step(state, batch, frozen)
         return jax.lax.with_sharding_constraint(new, layout), metrics
 
     if host_loop is None:
         host_loop = jax.default_backend() == "cpu"
     if not host_loop:
-        return jax.jit(train.scan_steps(pinned), in_shardings=(layout, NamedSharding(mesh, P(None, BATCH))),
+        return jax.jit(train.scan_steps(pinned),
+                       in_shardings=(layout, NamedSharding(mesh, P(None, BATCH)), frozen_layout),
                        out_shardings=(layout, replicated), donate_argnums=0)
-    one = jax.jit(pinned, in_shardings=(layout, NamedSharding(mesh, P(BATCH))), out_shardings=(layout, replicated),
-                  donate_argnums=0)
+    one = jax.jit(pinned, in_shardings=(layout, NamedSharding(mesh, P(BATCH)), frozen_layout),
+                  out_shardings=(layout, replicated), donate_argnums=0)
     row = jax.jit(lambda batches, i: jax.tree.map(lambda a: a[i], batches),
                   out_shardings=NamedSharding(mesh, P(BATCH)))
 
-    def steps(state, batches):
+    def steps(state, batches, frozen=None):
         metrics = []
         for i in range(jax.tree.leaves(batches)[0].shape[0]):
-            state, m = one(state, row(batches, i))
+            state, m = one(state, row(batches, i), frozen)
             metrics.append(m)
         return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
 

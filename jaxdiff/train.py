@@ -223,15 +223,18 @@ def ema_decay_at(step, ema_decay: float):
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, ema_decay: float, axis_name: str | None = None):
     """One pure optimisation step. With ``axis_name``, the per-device step of a data-parallel run:
-    gradients and loss are averaged over that axis with ``lax.pmean``."""
+    gradients and loss are averaged over that axis with ``lax.pmean``. ``step(state, batch, frozen)``:
+    with frozen parameters (a LoRA's base network), ``loss_fn(frozen)`` is the loss, so they enter the
+    step as data rather than as constants of its program, and get neither gradients nor optimizer state."""
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen=None):
+        loss_of = loss_fn if frozen is None else loss_fn(frozen)
         x, y = batch
         shard = Shard() if axis_name is None else Shard(jax.lax.axis_index(axis_name) * x.shape[0], axis_name)
         key = jax.random.fold_in(state.key, state.step)
         # the loss of the global batch is the mean of the devices' losses; differentiated whole, the
         # replicated parameters' gradient is the global one (shard_map sums their cotangents)
-        global_loss = lambda p: _mean_over(loss_fn(p, x, y, key, shard), axis_name)
+        global_loss = lambda p: _mean_over(loss_of(p, x, y, key, shard), axis_name)
         loss, grads = jax.value_and_grad(global_loss)(state.params)
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -252,8 +255,8 @@ def _mean_over(value, axis_name):
 
 
 def scan_steps(step):
-    """Several steps per dispatch: ``(state, batches with a leading steps axis) -> (state, metrics)``."""
-    return lambda state, batches: jax.lax.scan(step, state, batches)
+    """Several steps per dispatch: ``(state, batches with a leading steps axis[, frozen]) -> (state, metrics)``."""
+    return lambda state, batches, frozen=None: jax.lax.scan(lambda s, b: step(s, b, frozen), state, batches)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -266,8 +269,8 @@ def make_mesh(devices=None) -> Mesh:
 def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh, host_loop: bool | None = None):
     """The pmap-style data-parallel multi-step, as shard_map over a 1-D mesh, under jit.
 
-    Takes ``(state, batches)`` with batches shaped (steps, global_batch, ...), the global batch
-    split over the devices; the state is replicated. Returns ``(state, metrics)``.
+    Takes ``(state, batches[, frozen])`` with batches shaped (steps, global_batch, ...), the global batch
+    split over the devices; the state (and frozen parameters) replicated. Returns ``(state, metrics)``.
 
     On accelerators the steps are one ``lax.scan``. With ``host_loop`` (default: on a CPU) they are
     separate calls of one compiled step: XLA:CPU ran a training step ~20x slower inside a loop
@@ -277,15 +280,16 @@ def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh, host_loop: bool | N
     if host_loop is None:
         host_loop = jax.default_backend() == "cpu"
     if not host_loop:
-        sharded = jax.shard_map(scan_steps(step), mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
+        sharded = jax.shard_map(scan_steps(step), mesh=mesh, in_specs=(P(), P(None, DATA_AXIS), P()),
+                                out_specs=(P(), P()))
         return jax.jit(sharded, donate_argnums=0)
-    one = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P())),
+    one = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P())),
                   donate_argnums=0)
 
-    def steps(state, batches):
+    def steps(state, batches, frozen=None):
         metrics = []
         for i in range(jax.tree.leaves(batches)[0].shape[0]):
-            state, m = one(state, jax.tree.map(lambda a: a[i], batches))
+            state, m = one(state, jax.tree.map(lambda a: a[i], batches), frozen)
             metrics.append(m)
         return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
 

@@ -206,7 +206,8 @@ def checkpoint_config(spec, config: TrainConfig, meta: dict | None) -> dict:
 
 def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None, params: Any = None,
           resume: bool = False, meta: dict | None = None, devices=None, loss_log=None,
-          progress: bool | Progress = True, label: str = "train", mesh: str | None = None) -> TrainResult:
+          progress: bool | Progress = True, label: str = "train", mesh: str | None = None,
+          frozen: Any = None, every: tuple[int, Callable] | None = None) -> TrainResult:
     """Train ``params`` (default: ``spec.init(config.seed)``) on ``loss_fn`` for ``config.steps`` steps.
 
     ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
@@ -220,7 +221,15 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     ``mesh``: None (default) replicates the state on every device (data parallelism); a setting such as
     ``"data=2,fsdp=4"`` (``jaxdiff.sharding``) splits parameters and optimizer state over the fsdp axis
     and the batch over both. It does not change what the run computes, so a resume may use another.
+    ``frozen``: parameters the loss reads but does not train (a LoRA's base network); then ``loss_fn(frozen)``
+    is the loss. They are placed on the mesh as the state is (replicated, or split over fsdp), enter every
+    step as data and are neither checkpointed nor averaged.
+    ``every``: ``(n, fn)`` calls ``fn(state, step)`` after every n-th step (dispatches end there), on every
+    process, e.g. to draw validation samples from the EMA parameters while training goes on.
     """
+    if every is not None and (isinstance(every[0], bool) or not isinstance(every[0], (int, np.integer))
+                              or every[0] < 1 or not callable(every[1])):
+        raise ValueError(f"every must be (a positive number of steps, a function of (state, step)), got {every!r}")
     tx = config.optimizer()
     if params is None and mesh is None:
         params = spec.init(config.seed)
@@ -239,6 +248,9 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     else:  # split over the mesh; a restore reads into the same layout
         mesh = sharding.make_mesh(mesh, devices)
         state = sharding.init_state(params, tx, config.seed, mesh, init=lambda: spec.init(config.seed))
+    if frozen is not None:
+        frozen = (sharding.place(frozen, sharding.shardings(frozen, mesh)) if sharding.is_sharded(mesh)
+                  else train.replicate(frozen, mesh))
     saved = checkpoint_config(spec, config, meta)
     if directory is not None:
         distributed.check_shared_folder(directory)
@@ -256,7 +268,8 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         log = LossLog(loss_log, start) if loss_log is not None and is_writer() else None
         at = {"step": start}  # where _loop has got to, for an interruption's message
         try:
-            result = _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at)
+            result = _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
+                           frozen, every)
             if ckpt is not None:
                 ckpt.wait()
         except KeyboardInterrupt:
@@ -272,9 +285,10 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
             ckpt.close()
 
 
-def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at) -> TrainResult:
+def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
+          frozen=None, every=None) -> TrainResult:
     sharded = sharding.is_sharded(mesh)
-    multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state) if sharded
+    multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state, frozen=frozen) if sharded
                   else train.data_parallel(loss_fn, tx, config.ema_decay, mesh))
     put = sharding.shard_batches if sharded else train.shard_batches
     start = step = int(state.step)
@@ -286,10 +300,12 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
     t0, warm_t, warm_images = time.perf_counter(), None, 0
     while step < config.steps:
         k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
+        if every is not None:
+            k = min(k, every[0] - step % every[0])
         stacked = batches.stack(step, k)
         check_batches(stacked, step, k, spec, first=step == start)
         local = _local(stacked, config.batch_size)
-        state, metrics = multi_step(state, put(local, mesh))
+        state, metrics = multi_step(state, put(local, mesh), frozen)
         losses = np.asarray(metrics["loss"])  # one host sync per dispatch
         skips.update(step, np.asarray(metrics["finite"]))
         if ckpt is not None:
@@ -308,6 +324,8 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
             ckpt.save(step, state, saved)
             if log is not None:
                 log.flush()
+        if every is not None and step % every[0] == 0:
+            every[1](state, step)
     if log is not None:
         log.flush()
     if show:

@@ -133,6 +133,13 @@ CHILD = textwrap.dedent(
     moved = run("moved", "data=2,fsdp=4", resume=True)
     np.testing.assert_allclose(losses("moved"), losses("one"), rtol=0, atol=3e-6)
     close(one.params, moved.params, p0, "1x8 resumed on 2x4")
+    # frozen parameters (a LoRA's base) enter the sharded step as a third argument, split like the state
+    base = {"w0": np.linspace(-1, 1, 4096, dtype=np.float32)}
+    over = lambda fr: lambda p, xb, yb, key, shard: ((fr["w0"] + p["d"] - xb.mean() / 255.0) ** 2).mean()
+    frun = lambda mesh, devices=None: np.asarray(trainer.fit(
+        None, over, data.Batches(x, y, 8, 0), cfg, params={"d": np.zeros(4096, np.float32)}, frozen=base,
+        mesh=mesh, devices=devices, progress=False).state.params["d"])
+    np.testing.assert_allclose(frun("data=2,fsdp=4"), frun(None, jax.devices()[:1]), rtol=1e-5, atol=1e-7)
     print("OK")
     """
 )
@@ -140,8 +147,8 @@ CHILD = textwrap.dedent(
 
 def test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly():
     """The child runs the trainer 5 times, 4 steps each: one device (the default, replicated path), 1 x 8,
-    2 x 4, a 2 x 4 resume from the 2 x 4 run's step 2, and a 2 x 4 resume from the 1 x 8 run's step 2.
-    Its XLA compiles at -O0 (about half the compile time); every run it compares uses the same flag."""
+    2 x 4, a 2 x 4 resume from the 2 x 4 run's step 2, and a 2 x 4 resume from the 1 x 8 run's step 2; then
+    a loss over frozen parameters on 2 x 4 and on one device. Its XLA compiles at -O0 (about half the compile time); every run it compares uses the same flag."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")

@@ -208,3 +208,18 @@ def test_a_damaged_loss_log_is_refused_on_resume_naming_file_and_line(tmp_path):
         trainer.LossLog(path, resume_step=2)
     path.write_text("step,loss\n1,0.5\n2,nan\n")  # a non-finite loss is a value, not damage
     assert trainer.LossLog(path, resume_step=2).rows == ["step,loss", "1,0.5", "2,nan"]
+
+
+def test_frozen_parameters_enter_the_step_as_data_and_train_as_a_closure_over_them_does(tmp_path):
+    # a LoRA-like split: the loss reads frozen base weights and trains a delta on top of them
+    base = {"w0": jnp.asarray([0.3, -0.2, 0.1])}
+    loss_over = lambda frozen: lambda p, x, y, key, shard: tiny_loss({"w": frozen["w0"] + p["d"]}, x, y, key, shard)
+    fit = lambda loss, **kw: trainer.fit(None, loss, Source(), config(), params={"d": jnp.zeros(3)}, progress=False,
+                                         **kw)
+    closed = fit(loss_over(base))
+    passed = fit(loss_over, frozen=base)
+    np.testing.assert_array_equal(np.asarray(passed.state.params["d"]), np.asarray(closed.state.params["d"]))
+    assert set(passed.state.params) == {"d"} and float(jnp.abs(passed.state.params["d"]).sum()) > 0
+    # and the base is an argument of the compiled step, not a constant: another base, another result
+    other = fit(loss_over, frozen={"w0": jnp.asarray([0.9, 0.9, 0.9])})
+    assert not np.allclose(np.asarray(other.state.params["d"]), np.asarray(passed.state.params["d"]))
