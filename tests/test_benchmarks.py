@@ -32,10 +32,23 @@ def test_stable_diffusion_benchmark_tiny(tmp_path):
     """The SD benchmark on the tiny test pipeline, jaxdiff alone (CI has no torch): its table renders."""
     out = tmp_path / "sd.md"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-    res = subprocess.run([sys.executable, "-m", "benchmarks.sd_speed", "--tiny", "--impls", "jaxdiff", "--batches", "1,2",
-                          "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=env)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.sd_speed", "--tiny", "--impls", "jaxdiff",
+                          "--batches", "1,2", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     table = out.read_text()
     assert "| implementation | batch | s per call | images/s |" in table
     assert "| jaxdiff | 1 |" in table and "| jaxdiff | 2 |" in table and "1.00x" in table
+
+
+def test_stable_diffusion_training_benchmark_tiny(tmp_path):
+    """The SD training benchmark on the tiny U-Net, jaxdiff's LoRA step alone (the cheapest to compile):
+    a variant's worker runs and its row, model FLOPs and MFU render."""
+    out = tmp_path / "sd_train.md"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.sd_train_speed", "--tiny", "--impls", "jaxdiff",
+                          "--modes", "lora", "--checkpointing", "0", "--batches", "2", "--peak-bf16", "1",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = out.read_text()
+    assert "| jaxdiff | lora | 2 |" in table and "MFU)" in table and "TFLOP per trained image" in table
