@@ -133,7 +133,8 @@ def parser(description: str, steps: int, batch_size: int, out: str) -> argparse.
     g.add_argument("--warmup", type=int, default=200, help="linear warmup steps (default 200)")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampled parameters, reached after a "
                                                             "warm-up of min(decay, (1+n)/(10+n)) (default 0.999)")
-    g.add_argument("--channels", type=channels, default=(64, 128, 256), help="channels per U-Net level (default 64,128,256)")
+    g.add_argument("--channels", type=channels, default=(64, 128, 256),
+                   help="channels per U-Net level (default 64,128,256)")
     g.add_argument("--blocks-per-level", type=positive_int, default=1, help="conv blocks per U-Net level")
     g.add_argument("--attention-levels", type=levels, default=(), help="U-Net levels (0 = full resolution) with "
                                                                        "self-attention, e.g. 2 or 1,2")
@@ -173,7 +174,8 @@ def label_unet(args, images, p_uncond: float):
     spec = specs.LabelUNet(num_classes=num_classes, channels=args.channels, blocks_per_level=args.blocks_per_level,
                            attention_levels=args.attention_levels, image_shape=images.shape[1:])
     module = spec.module(compute_dtype(args.dtype))
-    loss = train.diffusion_loss(spec.eps_model(module), spec.build_schedule(), p_uncond=p_uncond, null_label=num_classes)
+    loss = train.diffusion_loss(spec.eps_model(module), spec.build_schedule(), p_uncond=p_uncond,
+                                null_label=num_classes)
     return spec, module, loss
 
 

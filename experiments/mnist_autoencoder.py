@@ -56,7 +56,8 @@ def main(argv=None):
         recon = data.to_uint8(decode(encode(real)[0]))
         rows = -(-n // 10)
         pad = lambda x: np.concatenate([x, np.zeros((rows * 10 - n, *x.shape[1:]), np.uint8)])
-        pairs = np.stack([pad(real).reshape(rows, 10, *real.shape[1:]), pad(recon).reshape(rows, 10, *real.shape[1:])], 1)
+        pairs = np.stack([pad(real).reshape(rows, 10, *real.shape[1:]),
+                          pad(recon).reshape(rows, 10, *real.shape[1:])], 1)
         common.save_grid(out / "reconstructions.png", pairs.reshape(-1, *real.shape[1:]), 2 * rows, 10)
         if jax.process_index() == 0:
             print(f"done: autoencoder {args.steps} steps, latent scale {scale:.4f}; outputs in {out}")

@@ -35,8 +35,8 @@ def main(argv=None):
         meta = {"dataset": args.dataset, "split": args.split}
         # an unconditional model is the conditional one with every label dropped to the null label
         spec, unet, loss = common.label_unet(args, images, p_uncond=1.0)
-        result = common.fit(args, spec, loss, images, labels, out / "unet", meta={**meta, "p_uncond": 1.0}, label="unet",
-                            stage=True)
+        result = common.fit(args, spec, loss, images, labels, out / "unet", meta={**meta, "p_uncond": 1.0},
+                            label="unet", stage=True)
         cspec = specs.NoisyClassifier(num_classes=num_classes, channels=args.classifier_channels,
                                       image_shape=images.shape[1:], schedule=spec.schedule)
         clf = cspec.module(dtype)

@@ -154,7 +154,8 @@ def judge_samples(args, out, judge, sample, test_images, test_labels, reconstruc
     reconstructions (the ceiling a latent model can reach). Writes text2img_quality.csv/.md."""
     real, real_y = test_images[: args.eval_images], test_labels[: args.eval_images]
     acc_real = judge.accuracy(real, real_y)
-    recon = data.to_uint8(np.concatenate([np.asarray(reconstruct(real[i : i + 1000])) for i in range(0, len(real), 1000)]))
+    recon = data.to_uint8(np.concatenate([np.asarray(reconstruct(real[i : i + 1000]))
+                                          for i in range(0, len(real), 1000)]))
     acc_recon = judge.accuracy(recon, real_y)
     n_cls = data.NUM_CLASSES[args.dataset]
     asked = np.repeat(np.arange(n_cls), args.eval_per_class)

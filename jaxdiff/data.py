@@ -161,7 +161,8 @@ def load(dataset: str, split: str = "train", data_dir=None, download: bool = Tru
 
 
 def _missing_message(dataset: str, split: str, data_dir) -> str:
-    where = f"in {data_dir} (or {Path(data_dir) / dataset})" if data_dir else f"in a folder named by --data-dir or ${ENV_DIR}"
+    where = (f"in {data_dir} (or {Path(data_dir) / dataset})" if data_dir
+             else f"in a folder named by --data-dir or ${ENV_DIR}")
     return (
         f"{dataset} {split} split not found: put {' and '.join(FILES[split])} (the original IDX .gz files) "
         f"{where}; with a network, leave --data-dir unset and tensorflow-datasets downloads and verifies them."
@@ -203,5 +204,5 @@ class Batches:
 
     def stack(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``count`` consecutive batches stacked on a leading axis, for several steps per dispatch."""
-        xs, ys = zip(*(self(start + k) for k in range(count)))
+        xs, ys = zip(*(self(start + k) for k in range(count)), strict=True)
         return np.stack(xs), np.stack(ys)

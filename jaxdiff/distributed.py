@@ -22,7 +22,8 @@ from etils import epath
 
 from jaxdiff import data
 
-ENV = {"coordinator": "JAXDIFF_COORDINATOR", "num_processes": "JAXDIFF_NUM_PROCESSES", "process_id": "JAXDIFF_PROCESS_ID"}
+ENV = {"coordinator": "JAXDIFF_COORDINATOR", "num_processes": "JAXDIFF_NUM_PROCESSES",
+       "process_id": "JAXDIFF_PROCESS_ID"}
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:

@@ -44,7 +44,8 @@ def cfg(cond_eps_fn: CondEpsFn, cond, uncond, gamma) -> EpsFn:
     gamma = 0 is unconditional, gamma = 1 conditional, gamma > 1 pushes further toward c.
     """
     _check_gamma(gamma)
-    uncond = jax.tree.map(lambda c, u: jnp.broadcast_to(jnp.asarray(u, jnp.asarray(c).dtype), jnp.shape(c)), cond, uncond)
+    uncond = jax.tree.map(lambda c, u: jnp.broadcast_to(jnp.asarray(u, jnp.asarray(c).dtype), jnp.shape(c)),
+                          cond, uncond)
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
     def eps_fn(x, t):

@@ -163,7 +163,8 @@ class Pipeline:
                 raise ValueError(f"the classifier knows {cspec.num_classes} classes, the U-Net {spec.num_classes}")
             if cspec.schedule != spec.schedule or tuple(cspec.image_shape) != tuple(spec.image_shape):
                 raise ValueError(f"the classifier was trained on another schedule or image shape: "
-                                 f"{cspec.schedule}, {cspec.image_shape} vs the U-Net's {spec.schedule}, {spec.image_shape}")
+                                 f"{cspec.schedule}, {cspec.image_shape} vs the U-Net's "
+                                 f"{spec.schedule}, {spec.image_shape}")
             all_params["classifier"] = cparams
             logits = lambda p, x, t: cnet.apply(p["classifier"], x, t)
         return _cast_once(cls(lambda p, x, t, y: eps(p["unet"], x, t, y), all_params, spec.build_schedule(),
@@ -238,7 +239,7 @@ class Pipeline:
     @classmethod
     def _text_from_run(cls, root: epath.Path, dtype) -> Pipeline:
         loaded = {s: load_model(checkpoint_folder(root / s), expect=k, dtype=dtype)
-                  for s, k in zip(TEXT_STAGES, ("autoencoder", "contrastive_text", "latent_unet"))}
+                  for s, k in zip(TEXT_STAGES, ("autoencoder", "contrastive_text", "latent_unet"), strict=True)}
         clip_spec, (text, _), clip_params = loaded["clip"]
         spec, unet, unet_params = loaded["ldm"]
         _, ae, ae_params = loaded["autoencoder"]
@@ -257,7 +258,8 @@ class Pipeline:
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
         ``jaxdiff.sampling.SAMPLERS``, or a function of one's own with the samplers' signature
-        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20); ``steps`` (default the sampler's) and ``eta`` are checked only
+        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20);
+        ``steps`` (default the sampler's) and ``eta`` are checked only
         where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
         latent pipeline (multiples of its latent factor). ``latents``: the starting noise x_T, (N, ...)
@@ -444,7 +446,8 @@ class Pipeline:
             eps_fn = guidance.cfg(model, cond, uncond, gamma)
         else:
             log_prob = guidance.log_prob_from_logits(lambda x, t: self.classifier(params, x, t))
-            eps_fn = guidance.classifier_guidance(lambda x, t: model(x, t, uncond), log_prob, cond, gamma, self.schedule)
+            eps_fn = guidance.classifier_guidance(lambda x, t: model(x, t, uncond), log_prob, cond, gamma,
+                                                  self.schedule)
         timesteps = None if grid is None else np.asarray(grid, np.int32)
         if callable(sampler):
             x0 = sampler(eps_fn, self.schedule, x_T, key=run_keys, steps=steps, timesteps=timesteps, clip_x0=clip_x0)

@@ -150,7 +150,8 @@ def ddim_step(x0, eps, *, abar_t, abar_s, eta=0.0, noise=None):
 
 
 def sigma_of(abar):
-    """The noise level of the variance-exploding view, sigma = sqrt((1 - abar) / abar): x_t / sqrt(abar) = x0 + sigma eps."""
+    """The noise level of the variance-exploding view, sigma = sqrt((1 - abar) / abar):
+    x_t / sqrt(abar) = x0 + sigma eps."""
     return jnp.sqrt((1.0 - abar) / abar)
 
 
@@ -311,7 +312,8 @@ def euler(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 20, 
         eps, _ = predict(eps_fn, x, t, ab_t, clip_x0)
         return euler_step(x, eps, abar_t=ab_t, abar_s=ab_s), None
 
-    return sample_loop(step, x_T, (t, schedule.alpha_bar(t), schedule.alpha_bar(s)), return_trajectory=return_trajectory)
+    return sample_loop(step, x_T, (t, schedule.alpha_bar(t), schedule.alpha_bar(s)),
+                       return_trajectory=return_trajectory)
 
 
 def heun(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 18, timesteps=None, clip_x0=None,

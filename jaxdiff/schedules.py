@@ -43,7 +43,8 @@ class ScheduleSpec:
         raise ValueError(f"schedule kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> ScheduleSpec:

@@ -289,7 +289,7 @@ def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh, host_loop: bool | N
     def steps(state, batches, frozen=None):
         metrics = []
         for i in range(jax.tree.leaves(batches)[0].shape[0]):
-            state, m = one(state, jax.tree.map(lambda a: a[i], batches), frozen)
+            state, m = one(state, jax.tree.map(lambda a, i=i: a[i], batches), frozen)
             metrics.append(m)
         return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
 

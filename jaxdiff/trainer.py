@@ -235,7 +235,8 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         params = spec.init(config.seed)
     devices = list(jax.devices() if devices is None else devices)
     if getattr(batches, "batch_size", config.batch_size) != config.batch_size:
-        raise ValueError(f"the batches hold {batches.batch_size} examples, the config says batch_size {config.batch_size}")
+        raise ValueError(f"the batches hold {batches.batch_size} examples, "
+                         f"the config says batch_size {config.batch_size}")
     if config.batch_size % len(devices):
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} devices")
     owned = [sum(d.process_index == p for d in devices) for p in range(jax.process_count())]

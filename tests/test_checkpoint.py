@@ -43,7 +43,8 @@ def truncate(path):
 
 
 def data_files(folder):
-    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if os.sep + "d" + os.sep in os.path.join(d, f)]
+    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+            if os.sep + "d" + os.sep in os.path.join(d, f)]
 
 
 DAMAGES = {  # what is damaged in the latest step, and which item that breaks
@@ -70,7 +71,7 @@ def test_a_damaged_latest_step_falls_back_to_the_intact_one(run, damage, capsys)
             assert int(ckpt.restore(template_state()).step) == 2
         else:  # what a pipeline reads
             pipe = Pipeline.from_checkpoint(run)
-            for a, b in zip(jax.tree.leaves(pipe.params["unet"]), jax.tree.leaves(step2_ema)):
+            for a, b in zip(jax.tree.leaves(pipe.params["unet"]), jax.tree.leaves(step2_ema), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         err = capsys.readouterr().err
         assert "checkpoint step 4" in err and "falling back to step 2" in err, err
@@ -85,7 +86,8 @@ def test_the_error_is_one_line_naming_the_step_and_the_file(run):
     with Checkpoints(run / "checkpoints") as ckpt, pytest.raises(CheckpointError) as err:
         ckpt.restore_ema(SPEC.template(), step=4)
     msg = str(err.value)
-    assert "\n" not in msg and "checkpoint step 4 is damaged or unreadable" in msg and "step=" in msg and len(msg) < 400, msg
+    assert ("\n" not in msg and "checkpoint step 4 is damaged or unreadable" in msg and "step=" in msg
+            and len(msg) < 400), msg
 
 
 def test_all_steps_damaged(run):

@@ -80,7 +80,7 @@ class Launch:
         files = [(folder / f"{name}.{i}.stdout", folder / f"{name}.{i}.stderr", folder / f"{name}.{i}.writes")
                  for i in range(len(argvs))]
         procs = []
-        for argv, (out, err, writes) in zip(argvs, files):
+        for argv, (out, err, writes) in zip(argvs, files, strict=True):
             with open(out, "w") as o, open(err, "w") as e:
                 procs.append(subprocess.Popen([sys.executable, "-c", RUNNER, str(writes), module, *map(str, argv)],
                                               cwd=ROOT, env=env, stdout=o, stderr=e))
@@ -93,7 +93,8 @@ class Launch:
     def report(self) -> str:
         """Every process's exit status and the end of its stderr, for an assertion's message."""
         parts = [f"timed out after {LAUNCH_TIMEOUT}s" if self.timed_out else ""]
-        parts += [f"--- process {i}: exit {c}\n{e[-3000:]}" for i, (c, e) in enumerate(zip(self.codes, self.stderr))]
+        parts += [f"--- process {i}: exit {c}\n{e[-3000:]}"
+                  for i, (c, e) in enumerate(zip(self.codes, self.stderr, strict=True))]
         return "\n".join(parts)
 
 
@@ -198,7 +199,7 @@ def test_an_out_folder_that_is_not_shared_is_refused_in_one_line(tmp_path):
     run = two_processes(tmp_path / "logs", "unshared", [*TINY, "--steps", "2", "--data-dir", tmp_path / "none"],
                         outs=[tmp_path / "a", tmp_path / "b"])
     assert run.codes == [2, 2], run.report()
-    for i, err in enumerate(run.stderr):
+    for _, err in enumerate(run.stderr):
         line = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(line) == 1 and "is not one folder shared by all 2 processes" in line[0], run.report()
         assert "Traceback" not in err, run.report()

@@ -212,7 +212,8 @@ def test_cond_and_classifier_guidance_end_to_end(tiny_data, tmp_path, capsys):
     code, out, err = run(capsys, "mnist_classifier_guidance", *TINY, "--data-dir", tiny_data, "--out", tmp_path / "cg",
                          "--classifier-steps", "2", "--classifier-channels", "8,8,8", "--sampler", "heun")
     assert code == 0 and "done:" in out, err[-2000:]
-    assert (tmp_path / "cg" / "samples.png").stat().st_size > 0 and (tmp_path / "cg" / "classifier" / "loss.csv").exists()
+    assert ((tmp_path / "cg" / "samples.png").stat().st_size > 0
+            and (tmp_path / "cg" / "classifier" / "loss.csv").exists())
 
 
 @pytest.mark.xdist_group("cfg_run")  # one worker trains the shared run once
@@ -256,7 +257,8 @@ def test_evaluate_reports_what_a_recomputation_gives(cfg_run, tiny_data, tmp_pat
 
 def test_text_to_image_end_to_end(tiny_data, tmp_path, capsys):
     code, out, err = run(capsys, "mnist_text2img", "--data-dir", tiny_data, "--out", tmp_path, "--steps", "2",
-                         "--ae-steps", "2", "--ae-channels", "8,8,8", "--clip-steps", "2", "--batch-size", "8", "--steps-per-dispatch", "2",
+                         "--ae-steps", "2", "--ae-channels", "8,8,8", "--clip-steps", "2", "--batch-size", "8",
+                         "--steps-per-dispatch", "2",
                          "--save-every", "2", "--sample-steps", "2", "--per-prompt", "2", "--channels", "8,16",
                          "--warmup", "1", "--prompt", "a handwritten 3", "--prompt", "zebra", "--negative-prompt",
                          "the digit 8", "--eval-classifier", tmp_path / "judge", "--judge-steps", "2",

@@ -75,7 +75,8 @@ def test_guidance_scale_moves_mass_toward_the_label(overlapping2d, linear_schedu
     x_T = jax.random.normal(jax.random.key(1), (n, 2))
     y = jnp.zeros((n,), jnp.int32)
     exact = overlapping2d.cond_eps_fn(linear_schedule)
-    run = jax.jit(lambda g: sampling.dpm_solver_pp(guidance.cfg(exact, y, overlapping2d.null_label, g), linear_schedule, x_T, steps=20))
+    run = jax.jit(lambda g: sampling.dpm_solver_pp(guidance.cfg(exact, y, overlapping2d.null_label, g), linear_schedule,
+                                                   x_T, steps=20))
     mass = {g: mass_on(overlapping2d, run(g), 0) for g in (0.0, 1.0, 3.0)}
     # unconditional: half the mass; conditional: the exact E[p(0|x0) | y=0] (~0.74 here); more beyond
     assert abs(mass[0.0] - 0.5) < 0.03
@@ -90,7 +91,8 @@ def test_negative_condition_steers_away_from_it(overlapping2d, linear_schedule):
     x_T = jax.random.normal(jax.random.key(3), (n, 2))
     exact = overlapping2d.cond_eps_fn(linear_schedule)
     y, negative = jnp.zeros((n,), jnp.int32), jnp.ones((n,), jnp.int32)
-    with_null = sampling.dpm_solver_pp(guidance.cfg(exact, y, overlapping2d.null_label, 2.0), linear_schedule, x_T, steps=20)
+    with_null = sampling.dpm_solver_pp(guidance.cfg(exact, y, overlapping2d.null_label, 2.0), linear_schedule, x_T,
+                                       steps=20)
     with_neg = sampling.dpm_solver_pp(guidance.cfg(exact, y, negative, 2.0), linear_schedule, x_T, steps=20)
     assert mass_on(overlapping2d, with_neg, 1) < mass_on(overlapping2d, with_null, 1) - 0.03
 
@@ -117,7 +119,7 @@ def test_classifier_gradient_matches_finite_differences(mixture2d, linear_schedu
     for i in range(6):
         abar = float(linear_schedule.alpha_bar(t[i]))
         xi = np.asarray(x[i], np.float64)
-        f = lambda z: np_log_posterior(mixture2d, z, abar, int(y[i]))
+        f = lambda z, abar=abar, i=i: np_log_posterior(mixture2d, z, abar, int(y[i]))
         grad = np.array([(f(xi + h * e) - f(xi - h * e)) / (2 * h) for e in np.eye(2)])
         np.testing.assert_allclose(got[i], -gamma * np.sqrt(1 - abar) * grad, rtol=2e-3, atol=2e-4)
 
@@ -135,7 +137,8 @@ def test_exact_classifier_guidance_at_gamma_1_is_the_conditional(mixture2d, line
     guided = guidance.classifier_guidance(
         mixture2d.eps_fn(linear_schedule), mixture2d.classifier_log_prob(linear_schedule), yy, 1.0, linear_schedule
     )
-    xs = np.asarray(sampling.dpm_solver_pp(guided, linear_schedule, jax.random.normal(jax.random.key(4), (n, 2)), steps=20))
+    xs = np.asarray(sampling.dpm_solver_pp(guided, linear_schedule, jax.random.normal(jax.random.key(4), (n, 2)),
+                                           steps=20))
     assert np.mean(assign(mixture2d, xs) == 1) > 0.99
     np.testing.assert_allclose(xs.mean(0), mixture2d.means[1], atol=0.05)
 
@@ -169,5 +172,6 @@ def test_guidance_with_a_python_gamma_inside_jit(mixture2d, linear_schedule):
     np.testing.assert_allclose(jax.jit(guided)(x, t), guided(x, t), rtol=1e-5, atol=1e-6)
     # and it is the guidance formula: eps - 2 sqrt(1 - abar) grad log p(y | x_t)
     grad = jax.grad(lambda z: jnp.sum(log_prob(z, t, y)))(x)
-    expected = mixture2d.eps_fn(linear_schedule)(x, t) - 2.0 * jnp.sqrt(1 - linear_schedule.alpha_bar(t))[:, None] * grad
+    expected = (mixture2d.eps_fn(linear_schedule)(x, t)
+                - 2.0 * jnp.sqrt(1 - linear_schedule.alpha_bar(t))[:, None] * grad)
     np.testing.assert_allclose(jax.jit(guided)(x, t), expected, rtol=1e-5, atol=1e-6)

@@ -35,10 +35,11 @@ def test_scores_match_finite_differences_of_float64_density(mixture2d):
         x = rng.normal(size=2) * 2
         abar = rng.uniform(0.05, 0.99)
         got = np.asarray(mixture2d.score(jnp.asarray([x], jnp.float32), jnp.asarray([abar], jnp.float32)))[0]
-        np.testing.assert_allclose(got, fd_grad(lambda z: np_log_p(mixture2d, z, abar), x), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(got, fd_grad(lambda z, abar=abar: np_log_p(mixture2d, z, abar), x),
+                                   rtol=1e-3, atol=1e-3)
         for y in range(3):
             got = mixture2d.score(jnp.asarray([x], jnp.float32), jnp.asarray([abar], jnp.float32), jnp.array([y]))
-            want = fd_grad(lambda z: np_log_p(mixture2d, z, abar, y), x)
+            want = fd_grad(lambda z, abar=abar, y=y: np_log_p(mixture2d, z, abar, y), x)
             np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-3, atol=1e-3)
 
 

@@ -40,7 +40,8 @@ def test_negative_condition_gives_the_closed_form(overlapping2d, linear_schedule
     pipe = mixture_pipeline(overlapping2d, linear_schedule)
     y = np.zeros(4000, np.int32)
     # with gamma 1 the negative cancels out: exactly the conditional eps
-    np.testing.assert_allclose(pipe.sample(y, negative=1, gamma=1.0, seed=3), pipe.sample(y, gamma=1.0, seed=3), atol=1e-5)
+    np.testing.assert_allclose(pipe.sample(y, negative=1, gamma=1.0, seed=3), pipe.sample(y, gamma=1.0, seed=3),
+                               atol=1e-5)
     x = np.asarray(pipe.sample(y, negative=[1], gamma=1.5, seed=4), np.float64)
     np.testing.assert_allclose(x.mean(0), [1.5 * -0.6 - 0.5 * 0.6, 0.0], atol=0.04)
     np.testing.assert_allclose(np.cov(x.T), 0.5 * np.eye(2), atol=0.05)
@@ -58,7 +59,8 @@ def test_classifier_must_know_the_u_nets_classes_and_schedule():
     from jaxdiff import specs
 
     unet = specs.LabelUNet(num_classes=4, channels=(8, 16), image_shape=(8, 8, 1))
-    for clf, msg in [(specs.NoisyClassifier(num_classes=3, image_shape=(8, 8, 1)), "classifier knows 3 classes, the U-Net 4"),
+    for clf, msg in [(specs.NoisyClassifier(num_classes=3, image_shape=(8, 8, 1)),
+                      "classifier knows 3 classes, the U-Net 4"),
                      (specs.NoisyClassifier(num_classes=4, image_shape=(8, 8, 1),
                                             schedule=specs.linear_schedule(500)), "another schedule")]:
         with pytest.raises(ValueError, match=msg):

@@ -182,7 +182,7 @@ def real_template(rows):
 def test_key_rule_on_every_real_key(component):
     rows = REAL["components"][component]
     template = real_template(rows)
-    by_key = {key: path for (key, *_), path in zip(rows, template)}
+    by_key = {key: path for (key, *_), path in zip(rows, template, strict=True)}
     for key, path in by_key.items():
         assert flax_path(key, template) == path, key
         assert torch_key(path) == key, path
@@ -331,11 +331,13 @@ def test_missing_renamed_and_unused_keys_in_one_error(tmp_path):
     assert "does not fit the model (2 missing, 2 unused)" in msg
     assert "unet: conv_in.bias: missing from the checkpoint (flax conv_in/bias (8,))" in msg
     assert (
-        "unet: time_embedding.linear_1.weight: missing from the checkpoint (flax time_embedding/linear_1/kernel (8, 16))"
+        "unet: time_embedding.linear_1.weight: missing from the checkpoint "
+        "(flax time_embedding/linear_1/kernel (8, 16))"
         in msg
     )
     assert (
-        "unet: time_embedding.linear_one.weight: checkpoint (16, 8) is not used (no flax parameter time_embedding/linear_one/kernel)"
+        "unet: time_embedding.linear_one.weight: checkpoint (16, 8) is not used "
+        "(no flax parameter time_embedding/linear_one/kernel)"
         in msg
     )
     assert "unet: extra.weight: checkpoint (3,) is not used" in msg

@@ -81,7 +81,8 @@ def test_ddim_spacings_diffusers_steps_off_grid_are_refused(r):
     with pytest.raises(SchedulerConfigError, match="no jaxdiff grid reproduces it exactly"):
         S.inference_timesteps(config, r["steps"], r["sampler"], **r["overrides"])
     # diffusers' last step (tau - T // steps) lands where the listed next tau would not: why it is refused
-    assert any(a != b for a, b in zip(np.asarray(r["timesteps"][:-1]) - 1000 // r["steps"], r["timesteps"][1:]))
+    assert any(a != b for a, b in zip(np.asarray(r["timesteps"][:-1]) - 1000 // r["steps"], r["timesteps"][1:],
+                                      strict=True))
     loose = S.inference_timesteps(config, r["steps"], r["sampler"], strict=False, **r["overrides"])
     # the listed taus, each step to the next one, and diffusers' final abar (a last tau 0 that
     # would step to abar_1 again is dropped)

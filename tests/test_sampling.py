@@ -292,8 +292,8 @@ def test_the_table_names_every_sampler_and_its_cost(linear_schedule):
     counting = lambda x, t: (calls.append(1), toy_eps(x, t))[1]
     for name in sampling.SAMPLERS:
         calls.clear()
-        jax.make_jaxpr(lambda x: sampling.run(name, counting, linear_schedule, x, key=jax.random.key(0), steps=4))(
-            jnp.zeros((2, 2)))
+        jax.make_jaxpr(lambda x, name=name: sampling.run(name, counting, linear_schedule, x, key=jax.random.key(0),
+                                                         steps=4))(jnp.zeros((2, 2)))
         per_step = sampling.nfe(name, 4, linear_schedule) // (1000 if name == "ddpm" else 4)
         assert len(calls) == per_step, name  # evaluations traced into one scan step
 

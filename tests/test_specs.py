@@ -17,7 +17,8 @@ SD_PIPE = Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe"
 def every_spec():
     cosine = schedules.ScheduleSpec("cosine", 400, s=0.01, max_beta=0.99)
     return [specs.LabelUNet(num_classes=3, channels=(8, 16), attention_levels=(1,), schedule=cosine),
-            specs.SuperRes(channels=(8, 16)), specs.LatentUNet(channels=(8, 16), latent_shape=(8, 8, 4), latent_scale=0.7),
+            specs.SuperRes(channels=(8, 16)),
+            specs.LatentUNet(channels=(8, 16), latent_shape=(8, 8, 4), latent_scale=0.7),
             specs.NoisyClassifier(channels=(8, 16)), specs.EvalClassifier(channels=(8, 16)),
             specs.Autoencoder(channels=(8, 8, 8)), specs.ContrastiveText(vocab=("a", "b"), width=16),
             *(cls.from_config(json.loads((SD_PIPE / part / "config.json").read_text()))
@@ -34,7 +35,7 @@ def test_every_kind_round_trips_through_json_and_builds(spec):
         return  # initialised from checkpoints, and the loader checks every tensor against this template
     params = spec.init(0)
     assert jax.tree.structure(template) == jax.tree.structure(params)
-    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(params)))
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(params), strict=True))
 
 
 def test_the_registry_holds_every_kind_once():

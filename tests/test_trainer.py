@@ -44,7 +44,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     run(tmp_path / "b", config(steps=3))
     resumed = run(tmp_path / "b", config(), resume=True)
     assert resumed.start_step == 3 and int(resumed.state.step) == 6 and resumed.trained_steps == 3
-    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (tmp_path / "a" / "loss.csv").read_text() == (tmp_path / "b" / "loss.csv").read_text()
     assert len((tmp_path / "a" / "loss.csv").read_text().split()) == 7
@@ -56,7 +56,8 @@ def test_a_resume_refuses_what_changes_the_runs_meaning_naming_each_setting(tmp_
              (dict(cfg=config(learning_rate=3e-3)), "train.learning_rate: checkpoint has 0.001, this run has 0.003"),
              (dict(cfg=config(batch_size=16)), "train.batch_size: checkpoint has 8, this run has 16"),
              (dict(cfg=config(), meta={"p_uncond": 0.2}), "meta.p_uncond: checkpoint has 0.1, this run has 0.2"),
-             (dict(cfg=config(), spec=specs.LabelUNet(num_classes=2, channels=(8, 8), cond_dim=32, image_shape=(8, 8, 1))),
+             (dict(cfg=config(), spec=specs.LabelUNet(num_classes=2, channels=(8, 8), cond_dim=32,
+                                                      image_shape=(8, 8, 1))),
               r"spec.channels: checkpoint has \[8, 16\], this run has \[8, 8\]")]
     for kw, msg in cases:
         cfg = kw.pop("cfg")

@@ -110,7 +110,7 @@ def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None,
         if len(set(cross)) != 1:
             raise _refuse(comp, "cross_attention_dim", cross, "one width for every block")
         cross = cross[0]
-    for i, (ch, h) in enumerate(zip(chans, heads)):
+    for i, (ch, h) in enumerate(zip(chans, heads, strict=True)):
         if ch % h:
             raise ValueError(f"{comp} config: block {i} has {ch} channels, not divisible into attention_head_dim "
                              f"(= heads) {h}")

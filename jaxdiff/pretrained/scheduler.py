@@ -300,7 +300,8 @@ def _check_dpm(s: dict) -> None:
     for key, value in want.items():
         if s[key] != value:
             raise SchedulerConfigError(
-                f"DPM-Solver setting {key}={s[key]!r}: jaxdiff's dpm_solver_pp is DPM-Solver++(2M), which needs {key}={value!r}"
+                f"DPM-Solver setting {key}={s[key]!r}: jaxdiff's dpm_solver_pp is DPM-Solver++(2M), "
+                f"which needs {key}={value!r}"
             )
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
         if s[key]:
@@ -351,9 +352,11 @@ def sampler_setup(
         taus, endpoint, exact = _ddim_grid(settings, T, steps, spacing, offset)
         if not exact and strict:
             raise SchedulerConfigError(
-                f"DDIM with timestep_spacing={spacing!r} at {steps} steps: diffusers steps each tau to tau - {T // steps} "
+                f"DDIM with timestep_spacing={spacing!r} at {steps} steps: "
+                f"diffusers steps each tau to tau - {T // steps} "
                 f"but then evaluates the next listed tau, which differs, so no jaxdiff grid reproduces it exactly; "
-                f"pass strict=False for the listed timesteps, or use steps that divide {T} with 'trailing', or 'leading'"
+                f"pass strict=False for the listed timesteps, "
+                f"or use steps that divide {T} with 'trailing', or 'leading'"
             )
         clip = float(settings["clip_sample_range"]) if settings["clip_sample"] else None
         final_first = True

@@ -163,8 +163,8 @@ class CLIPTokenizer:
         max_length = config.get("model_max_length", 77)
         if not isinstance(max_length, int) or max_length > 10**6:  # transformers' "unset" is 1e30
             raise TokenizerConfigError(
-                f"{folder / 'tokenizer_config.json'}: model_max_length must be the text encoder's length (77 for CLIP), "
-                f"got {max_length!r}"
+                f"{folder / 'tokenizer_config.json'}: model_max_length must be the text encoder's length "
+                f"(77 for CLIP), got {max_length!r}"
             )
         return cls(vocab, merges, special_tokens=specials, max_length=max_length, added_tokens=added_tokens,
                    source=source)
@@ -229,7 +229,7 @@ class CLIPTokenizer:
     def tokens(self, prompt: str) -> list[str]:
         """The token strings of one prompt, without padding: for looking, not for the model."""
         e = self._tok.encode(prompt)
-        return [t for t, m in zip(e.tokens, e.attention_mask) if m]
+        return [t for t, m in zip(e.tokens, e.attention_mask, strict=True) if m]
 
 
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
