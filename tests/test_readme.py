@@ -47,5 +47,5 @@ def test_ci_runs_the_readmes_test_command():
     """.ci/run runs the README's test command verbatim (they once drifted apart: CI ran without -n 2)."""
     lines = open(os.path.join(ROOT, "README.md")).read().split("```")[1].splitlines()
     command = lines[lines.index(next(line for line in lines if line.startswith("# tests"))) + 1]
-    assert command.startswith("python3 -m venv .venv") and "pytest" in command
+    assert command.startswith("python3 -m venv .venv") and "pytest" in command and "ruff check ." in command
     assert command in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
