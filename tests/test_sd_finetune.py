@@ -1,5 +1,5 @@
 """experiments.sd_finetune on the tiny SD-1 pipeline and a folder of captioned squares: a LoRA run with
-validation samples, resumed for more steps, whose file jaxdiff's pipeline loads; a full fine-tune whose
+validation samples whose file jaxdiff's pipeline loads (the exact resume is trainer.fit's, tested there); a full fine-tune whose
 saved diffusers folder loads back with the trained U-Net; flags refused in one line."""
 
 import os
@@ -38,23 +38,16 @@ def common_flags(squares, out, steps):
             "--steps-per-dispatch", 2, "--save-every", 2, "--lr", 1e-3]
 
 
-def test_a_lora_run_samples_resumes_and_saves_a_file_the_pipeline_loads(squares, tmp_path, capsys):
+def test_a_lora_run_samples_and_saves_a_file_the_pipeline_loads(squares, tmp_path, capsys):
     out = tmp_path / "lora"
     flags = common_flags(squares, out, 2) + ["--lora-rank", 2, "--validation-prompt", "a red square",
                                              "--per-prompt", 2, "--sample-every", 2, "--sample-steps", 2]
     code, _, err = run(capsys, "sd_finetune", *flags)
     assert code == 0, err
     assert "LoRA rank 2" in err and (out / "samples" / "step_000002.png").exists()
-    first = load_file(out / "pytorch_lora_weights.safetensors")
-    # --resume to 4 steps continues from the step-2 checkpoint and reuses the latent cache
-    flags = flags[: flags.index("--validation-prompt")]
-    flags[flags.index("--steps") + 1] = 4
-    code, _, err = run(capsys, "sd_finetune", *flags, "--resume")
-    assert code == 0, err
-    assert "resumed from step 2" in err and "latent cache" not in err
     saved = load_file(out / "pytorch_lora_weights.safetensors")
-    assert set(saved) == set(first) and all(k.startswith("unet.") and ".lora_" in k for k in saved)
-    assert any(not np.array_equal(saved[k], first[k]) for k in saved)  # the two more steps changed it
+    assert saved and all(k.startswith("unet.") and ".lora_" in k for k in saved)
+    assert any(np.any(v) for k, v in saved.items() if "lora_B" in k)  # B starts at zero: training moved it
     # jaxdiff reads the file back as the adapters it trained, and its pipeline runs with them
     sd = stable_diffusion.load(MODEL)
     adapter = lora.load(out / "pytorch_lora_weights.safetensors", sd.params)
