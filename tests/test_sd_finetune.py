@@ -1,6 +1,7 @@
 """experiments.sd_finetune on the tiny SD-1 pipeline and a folder of captioned squares: a LoRA run with
-validation samples whose file jaxdiff's pipeline loads (the exact resume is trainer.fit's, tested there); a full fine-tune whose
-saved diffusers folder loads back with the trained U-Net; flags refused in one line."""
+validation samples whose file jaxdiff's pipeline loads (the exact resume is trainer.fit's, tested there);
+a full fine-tune whose saved diffusers folder loads back with the trained U-Net; flags refused in one
+line."""
 
 import os
 
