@@ -100,20 +100,24 @@ def main(argv=None):
         run(args, out)
 
 
-def check(args, sd) -> int:
-    """Flags against the model, before anything is encoded or trained; returns the resolution."""
+def check_flags(args) -> None:
+    """Flags against each other and the devices, before the model is read."""
     if args.lora_rank < 0:
         raise common.Failure(f"--lora-rank must be >= 0 (0: train the whole U-Net), got {args.lora_rank}")
     if args.lora_rank and args.init_unet == "random":
         raise common.Failure("--lora-rank adapts a pretrained U-Net; --init-unet random trains one from scratch")
     if args.lora_alpha is not None and not args.lora_rank:
         raise common.Failure("--lora-alpha needs --lora-rank")
+    if args.mesh is not None:  # a setting that does not fit the devices fails here, before encoding
+        sharding.make_mesh(args.mesh, common.devices(args))
+
+
+def check(args, sd) -> int:
+    """Flags against the model, before anything is encoded or trained; returns the resolution."""
     resolution = args.resolution or sd.default_size[0]
     if resolution % sd.latent_factor:
         raise common.Failure(f"--resolution {resolution} must be a multiple of the autoencoder's "
                              f"{sd.latent_factor}")
-    if args.mesh is not None:  # a setting that does not fit the devices fails here, before encoding
-        sharding.make_mesh(args.mesh, common.devices(args))
     if args.validation_prompt and jax.process_count() > 1:
         common.note("validation samples are drawn in single-process runs only; none in this run")
     return resolution
@@ -122,6 +126,7 @@ def check(args, sd) -> int:
 def run(args, out):
     gpu = jax.default_backend() == "gpu"
     dtype = common.compute_dtype(args.dtype)
+    check_flags(args)
     sd = stable_diffusion.load(args.model, dtype=dtype, attention="cudnn" if gpu else None, variant=args.variant)
     resolution = check(args, sd)
     images = captioned.scan(args.data, caption_column=args.caption_column, on_error=args.on_error)

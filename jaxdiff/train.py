@@ -285,6 +285,13 @@ def data_parallel(loss_fn, tx, ema_decay: float, mesh: Mesh, host_loop: bool | N
         return jax.jit(sharded, donate_argnums=0)
     one = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P())),
                   donate_argnums=0)
+    return host_steps(one)
+
+
+def host_steps(one):
+    """``(state, batches with a leading steps axis[, frozen]) -> (state, stacked metrics)`` as separate calls
+    of ``one`` (a jitted step): what ``scan_steps`` computes, for XLA:CPU, which runs a step far slower
+    inside a loop."""
 
     def steps(state, batches, frozen=None):
         metrics = []

@@ -45,7 +45,7 @@ def tree_close(a, b, **kw):
 
 def test_loss_falls_and_updates_apply():
     state, tx, loss_fn = setup()
-    step = jax.jit(train.scan_steps(train.make_train_step(loss_fn, tx, 0.9)))
+    step = train.host_steps(jax.jit(train.make_train_step(loss_fn, tx, 0.9)))  # XLA:CPU: no scan
     xs, ys = batches(1)
     fixed = (np.repeat(xs, 30, 0), np.repeat(ys, 30, 0))  # one batch over and over: the loss must fall
     new, metrics = step(state, fixed)
@@ -94,7 +94,7 @@ def test_ema_warms_up_so_a_short_run_is_not_stuck_at_the_initialisation():
     state, _, loss_fn = setup(tx=optax.sgd(0.0))
     target = jax.tree.map(jnp.ones_like, state.params)
     state = state.replace(params=target, ema_params=jax.tree.map(jnp.zeros_like, target))
-    step = jax.jit(train.scan_steps(train.make_train_step(loss_fn, optax.sgd(0.0), 0.999)))
+    step = train.host_steps(jax.jit(train.make_train_step(loss_fn, optax.sgd(0.0), 0.999)))  # XLA:CPU: no scan
     new, _ = step(state, batches(300))
     np.testing.assert_allclose(jax.tree.leaves(new.ema_params)[0], 1 - kept, rtol=1e-4)
 
