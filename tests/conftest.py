@@ -1,11 +1,25 @@
 """Shared fixtures: the textbook schedule and labelled Gaussian mixtures with exact scores."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdiff import mixture, schedules
+
+# Tests build the same small programs again and again (each pipeline or model object compiles afresh), and
+# compiling is most of the suite's time: a compilation cache turns the repeats into reads. One folder per
+# xdist worker, since JAX writes its cache files non-atomically; set here, in-process only, so the children
+# that tests launch keep their own settings.
+_CACHE = tempfile.mkdtemp(prefix=f"jaxdiff-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")
