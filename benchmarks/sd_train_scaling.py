@@ -41,17 +41,17 @@ def log(msg: str) -> None:
     print(f"[sd_train_scaling] {msg}", file=sys.stderr, flush=True)
 
 
-def _setup(args, dtype_name: str, attention):
+def _setup(tiny: bool, dtype_name: str, attention):
     import jax.numpy as jnp
 
     from jaxdiff import sd_train, specs, train
     from jaxdiff.pretrained.scheduler import schedule_from_config
 
-    cfg = configs(args.tiny)["unet"]
+    cfg = configs(tiny)["unet"]
     spec = specs.StableDiffusionUNet.from_config(cfg)
     dtype = jnp.float32 if dtype_name == "float32" else jnp.bfloat16
     module = spec.module(dtype, attention)
-    side = cfg.get("sample_size", 8) if args.tiny else 64
+    side = cfg.get("sample_size", 8) if tiny else 64
     ctx = cfg.get("cross_attention_dim", 768)
     ctx = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
     empty = np.zeros((77, ctx), np.float32)
@@ -79,7 +79,7 @@ def measure(args, n: int, kind: str) -> dict:
         raise SystemExit(f"--gpus asks for {n} devices; this process sees {len(jax.devices())}")
     setting = f"data=1,fsdp={n}" if kind == "fsdp" else f"data={n},fsdp=1"
     mesh = sharding.make_mesh(setting, devices)
-    loss, tx, params, latent, ctx = _setup(args, "float32" if cpu else "bfloat16", None if cpu else "cudnn")
+    loss, tx, params, latent, ctx = _setup(args.tiny, "float32" if cpu else "bfloat16", None if cpu else "cudnn")
     state = sharding.init_state(params, tx, 0, mesh)
     del params
     held = sharding.bytes_per_device(state)
@@ -110,7 +110,8 @@ def check(args, counts) -> list[dict]:
     from jaxdiff import sharding
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    loss, tx, params, latent, ctx = _setup(args, "float32", None if args.tiny else "xla")
+    tiny = args.tiny or args.check_model == "tiny"
+    loss, tx, params, latent, ctx = _setup(tiny, "float32", None if tiny else "xla")
     batches = _batches(3, args.check_batch, latent, ctx, seed=1)
 
     def run(setting, devices):
@@ -153,7 +154,8 @@ def _worker_env(n: int, tiny: bool) -> dict:
 def _in_worker(args, what: str, n: int) -> dict | list:
     cmd = [sys.executable, "-m", "benchmarks.sd_train_scaling", "--worker", what, "--gpus", str(n),
            "--per-gpu-batch", str(args.per_gpu_batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--check-batch", str(args.check_batch)] + (["--tiny"] if args.tiny else [])
+           "--check-batch", str(args.check_batch), "--check-model", args.check_model]
+    cmd += ["--tiny"] if args.tiny else []
     proc = subprocess.run(cmd, env=_worker_env(n, args.tiny), capture_output=True, text=True)
     sys.stderr.write(proc.stderr[-3000:])
     if proc.returncode:
@@ -181,8 +183,8 @@ def table(rows: list[dict], checks: list[dict], meta: dict) -> str:
                      f"| {speed / r['gpus']:.0%} | {max(r['state_bytes']) / gib:.2f} "
                      f"| {max(r['peak_bytes']) / gib:.1f} | {r['first']:.0f} |")
     if checks:
-        lines += ["", "Equality with one GPU (float32, XLA attention, highest matmul precision, "
-                  f"global batch {meta['check_batch']}, three steps):", "",
+        lines += ["", f"Equality with one GPU ({meta['check_model']} U-Net, float32, XLA attention, highest matmul "
+                  f"precision, global batch {meta['check_batch']}, three steps):", "",
                   "| mesh | losses (one GPU) | largest relative loss difference | largest parameter difference "
                   "| as a fraction of the largest change |", "| --- | --- | --- | --- | --- |"]
         for c in checks:
@@ -203,6 +205,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per timed window (one scan)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--check-batch", type=int, default=4, help="global batch of the equality check")
+    p.add_argument("--check-model", choices=("sd15", "tiny"), default="sd15",
+                   help="the U-Net of the equality check: SD-1.5's (float32 with XLA attention compiles for "
+                        "minutes per mesh) or the tiny test config")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny U-Net on simulated CPU devices")
     p.add_argument("--out", help="write the table (markdown) here")
@@ -256,7 +261,7 @@ def _meta(args, argv) -> dict:
     import jax
 
     return dict(device=_device_name(args), date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
-                per_gpu_batch=args.per_gpu_batch, check_batch=args.check_batch,
+                per_gpu_batch=args.per_gpu_batch, check_batch=args.check_batch, check_model=args.check_model,
                 command="python -m benchmarks.sd_train_scaling " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
