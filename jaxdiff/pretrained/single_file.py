@@ -60,9 +60,10 @@ def _shape(entries, key):
     return entries[key][1]
 
 
-def infer_configs(entries: dict, model_type: str) -> dict:
+def infer_configs(entries: dict, model_type: str, prediction_type: str | None = None) -> dict:
     """diffusers-style config dicts {"unet", "vae", "text_encoder"} from the tensors' shapes
-    (``entries``: key -> (file, shape, dtype), the U-Net's training keys)."""
+    (``entries``: key -> (file, shape, dtype), the U-Net's training keys). The default image size (the
+    U-Net's sample_size) is 768 for a 2.x v-prediction model (SD-2.x 768-v), 512 otherwise."""
     unet_keys = [k[len(UNET):] for k in entries if k.startswith(UNET)]
     lay = ldm_layout.UNetLayout.from_keys(unet_keys)
     s = lambda k: _shape(entries, UNET + k)
@@ -78,7 +79,8 @@ def infer_configs(entries: dict, model_type: str) -> dict:
         mid_block_type="UNetMidBlock2DCrossAttn" if lay.mid_attention else None,
         cross_attention_dim=s(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")[1],
         use_linear_projection=len(s(f"{first_attn}.proj_in.weight")) == 2, attention_head_dim=heads,
-        upcast_attention=model_type == "sd2", sample_size=64)
+        upcast_attention=model_type == "sd2",
+        sample_size=96 if model_type == "sd2" and prediction_type == "v_prediction" else 64)
     v = lambda k: _shape(entries, VAE + k)
     vae_keys = [k[len(VAE):] for k in entries if k.startswith(VAE)]
     levels = sorted({int(k.split(".")[2]) for k in vae_keys if k.startswith("encoder.down.")})
@@ -154,7 +156,7 @@ def load(path, *, config=None, prediction_type: str | None = None, ema: bool | N
         sched = scheduler.read_scheduler_config(index["scheduler"])
         where = {c: str(index[c] / "config.json") for c in configs} | {"tokenizer": str(index["tokenizer"])}
     else:
-        configs = infer_configs(entries, model_type)
+        configs = infer_configs(entries, model_type, prediction_type or DEFAULT_PREDICTION[model_type])
         tokenizer = clip_bpe.bundled_tokenizer(model_type)
         sched = dict(SCHEDULERS[model_type])
         sched["prediction_type"] = DEFAULT_PREDICTION[model_type]
@@ -162,8 +164,6 @@ def load(path, *, config=None, prediction_type: str | None = None, ema: bool | N
         where["tokenizer"] = "jaxdiff's CLIP tokenizer"
     if prediction_type is not None:
         sched["prediction_type"] = prediction_type
-    if config is None and model_type == "sd2" and sched["prediction_type"] == "v_prediction":
-        configs["unet"]["sample_size"] = 96  # SD-2.x 768-v; 2.x epsilon models are 512-base
     part_specs = {"unet": specs.StableDiffusionUNet.from_config(configs["unet"]),
                   "vae": specs.StableDiffusionAutoencoder.from_config(configs["vae"]),
                   "text": specs.CLIPText.from_config(configs["text_encoder"])}
