@@ -175,6 +175,43 @@ def test_the_tiny_files_inferred_structure_is_their_folders():
                     assert got[part][key] == real[key], (name, part, key)
 
 
+def conventional_file(tmp_path, which):
+    """A small model by SD's conventions (see the fixture script) with random float16 weights."""
+    entry = LAYOUTS["conventional"][which]
+    rng = np.random.default_rng(0)
+    out = {k: (0.1 * rng.standard_normal(shape)).astype(np.float16) for k, _, _, shape in entry["layout"]}
+    if which == "sd2":
+        out["cond_stage_model.model.text_projection"] = np.zeros((64, 64), np.float16)
+        out["cond_stage_model.model.logit_scale"] = np.zeros((), np.float16)
+    path = tmp_path / f"{which}.safetensors"
+    save_file(out, str(path))
+    return path, entry["configs"], out
+
+
+def test_a_file_loads_without_config_by_each_versions_conventions(tmp_path, capsys):
+    """No config=: configs from the shapes, CLIP's shipped tokenizer, SD-1.5's / SD-2.1's scheduler; 2.x reads
+    one text block less than the file holds, its fused in_proj split into q, k, v."""
+    path, cfg, tensors = conventional_file(tmp_path, "sd1")
+    sd = single_file.load(path)
+    assert "SD 1.x, configs inferred from the shapes" in capsys.readouterr().err
+    assert sd.unet_spec.config_dict()["block_out_channels"] == cfg["unet"]["block_out_channels"]
+    assert sd.prediction == "epsilon" and sd.scheduler_config["_class_name"] == "PNDMScheduler"
+    assert sd.default_size == (64 * sd.latent_factor,) * 2 and sd.tokenizer.pad_token_id == 49407
+    assert sd.text.num_hidden_layers == 2 and sd.text.num_attention_heads == 1 and sd.unet.num_heads == (8, 8)
+
+    path, cfg, tensors = conventional_file(tmp_path, "sd2")
+    sd = single_file.load(path, prediction_type="epsilon", quiet=True)
+    assert sd.prediction == "epsilon" and sd.scheduler_config["_class_name"] == "DDIMScheduler"
+    assert sd.default_size == (64 * sd.latent_factor,) * 2 and sd.tokenizer.pad_token_id == 0
+    assert sd.text.num_hidden_layers == cfg["text_encoder"]["num_hidden_layers"] - 1 and sd.unet.num_heads == (1, 2)
+    fused = tensors["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"].astype(np.float32)
+    layer = sd.params["text"]["params"]["text_model"]["encoder"]["layers_1"]["self_attn"]
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        np.testing.assert_array_equal(np.asarray(layer[name]["kernel"]), fused[64 * i:64 * (i + 1)].T)
+    v = single_file.infer_configs({k: (None, t.shape, "F16") for k, t in tensors.items()}, "sd2", "v_prediction")
+    assert v["unet"]["sample_size"] == 96  # 768-v by default
+
+
 # public single-file key names (and their diffusers names) from converters and key dumps found with the
 # search tools: an SD-1.5 ControlNet dump (same encoder layout), A1111 / diffusers-style rename tables
 PUBLIC = {

@@ -46,14 +46,17 @@ def merges() -> tuple[tuple[str, str], ...]:
     return tuple(tuple(line.split(" ")) for line in body)
 
 
+@lru_cache(maxsize=1)
 def vocabulary() -> dict[str, int]:
     symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges()] + [START, END]
     return {t: i for i, t in enumerate(tokens)}
 
 
+@lru_cache(maxsize=4)
 def bundled_tokenizer(pad: str = "sd1", max_length: int = 77) -> CLIPTokenizer:
-    """CLIP's tokenizer as SD 1.x (``pad="sd1"``) or SD 2.x (``pad="sd2"``) folders configure it."""
+    """CLIP's tokenizer as SD 1.x (``pad="sd1"``) or SD 2.x (``pad="sd2"``) folders configure it (built once
+    per setting: a call only reads it)."""
     if pad not in PAD_TOKENS:
         raise ValueError(f"pad must be one of {', '.join(map(repr, PAD_TOKENS))}, got {pad!r}")
     token = lambda content: {"content": content, "normalized": True, "lstrip": False, "rstrip": False,
