@@ -76,24 +76,53 @@ def build_file(tmp_path, name, edit=None):
     return path
 
 
-@pytest.mark.parametrize("name", ["sd1pipe", "sd2pipe"])
-def test_a_single_file_gives_diffusers_images(tmp_path, name):
-    """float16 (SD-1) and bfloat16 (SD-2, OpenCLIP text encoder with fused q/k/v) files, read into float32
-    parameters: the images diffusers' from_single_file makes from the same file and latents."""
+def test_a_single_file_gives_diffusers_images(tmp_path):
+    """A bfloat16 SD-2 file (OpenCLIP text encoder with fused q/k/v, v-prediction), read into float32 parameters:
+    the images diffusers' from_single_file makes from the same file and latents."""
     ref = np.load(os.path.join(FIX, "reference.npz"))
-    path = build_file(tmp_path, name)
-    pipe = Pipeline.from_single_file(path, config=folder(name))
+    pipe = Pipeline.from_single_file(build_file(tmp_path, "sd2pipe"), config=folder("sd2pipe"))
     assert all(a.dtype == np.float32 for a in jax.tree.leaves(pipe.params))
-    x = pipe.sample(PROMPTS, NEGATIVE, gamma=7.5, sampler="ddim", steps=20, latents=ref[f"{name}/latents"],
+    x = pipe.sample(PROMPTS, NEGATIVE, gamma=7.5, sampler="ddim", steps=20, latents=ref["sd2pipe/latents"],
                     height=32, width=32)
     images = np.clip((np.asarray(x) + 1) / 2, 0, 1)
-    np.testing.assert_allclose(images, ref[f"{name}/images"], atol=5e-5, rtol=0)
+    np.testing.assert_allclose(images, ref["sd2pipe/images"], atol=5e-5, rtol=0)
+
+
+def folder_params(name, rounding):
+    """Each component's folder tensors by diffusers key (text keys without text_model.), rounded as a file holds
+    them."""
+    out = {}
+    for comp, base in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        with safe_open(os.path.join(folder(name), comp, f"{base}.safetensors"), "numpy") as f:
+            out[comp] = {k.removeprefix("text_model."): f.get_tensor(k).astype(rounding).astype(np.float32)
+                         for k in f.keys()}
+    return out
+
+
+def assert_params_are(params, tensors, scale=1.0):
+    flat = weights._flatten(params.get("params", params))
+    assert len(flat) == len(tensors)
+    for fp, leaf in flat.items():
+        want = tensors[torch_key(fp).removeprefix("text_model.")]
+        want = (want * scale).astype(np.float16).astype(np.float32) if scale != 1.0 else want
+        np.testing.assert_array_equal(to_torch(fp, np.asarray(leaf)).reshape(want.shape), want)
+
+
+def test_a_float16_sd1_file_holds_the_folders_weights(tmp_path):
+    """Every parameter of a float16 SD-1 file (CLIP text encoder, 1x1-conv autoencoder attention) is the folder's
+    tensor rounded to float16, as diffusers read it back in the fixture script (whose images from a folder are
+    test_sd_pipeline's)."""
+    params = single_file.load(build_file(tmp_path, "sd1pipe"), config=folder("sd1pipe"), quiet=True).params
+    tensors = folder_params("sd1pipe", np.float16)
+    for part, comp in (("unet", "unet"), ("vae", "vae"), ("text", "text_encoder")):
+        assert_params_are(params[part], tensors[comp])
 
 
 def test_ema_weights_are_preferred_and_ema_false_reads_the_training_ones(tmp_path):
     """LitEma's names (model_ema. + the key without its first part, dots removed), as diffusers' extract_ema
     reads them (checked in the fixture script): the EMA copy holds the folder's U-Net, the training copy half
-    of it; every U-Net parameter is compared with the folder's tensor, rounded to float16 as the file holds it."""
+    of it."""
     def add_ema(t):
         for key in [k for k in t if k.startswith(ldm_layout.UNET)]:
             t[ldm_layout.ema_name(key)] = t[key]
@@ -102,15 +131,10 @@ def test_ema_weights_are_preferred_and_ema_false_reads_the_training_ones(tmp_pat
         t["model_ema.num_updates"] = np.asarray(1000, np.int32)
 
     path = build_file(tmp_path, "sd1pipe", add_ema)
-    with safe_open(os.path.join(folder("sd1pipe"), "unet", "diffusion_pytorch_model.safetensors"), "numpy") as f:
-        unet = {k: f.get_tensor(k).astype(np.float16).astype(np.float32) for k in f.keys()}
+    unet = folder_params("sd1pipe", np.float16)["unet"]
     for ema, scale in ((None, 1.0), (False, 0.5)):
-        params = single_file.load(path, config=folder("sd1pipe"), ema=ema, quiet=True).params["unet"]
-        flat = weights._flatten(params.get("params", params))
-        assert len(flat) == len(unet)
-        for fp, leaf in flat.items():
-            want = (unet[torch_key(fp)] * scale).astype(np.float16).astype(np.float32)
-            np.testing.assert_array_equal(to_torch(fp, np.asarray(leaf)).reshape(want.shape), want)
+        assert_params_are(single_file.load(path, config=folder("sd1pipe"), ema=ema, quiet=True).params["unet"], unet,
+                          scale)
     with pytest.raises(ValueError, match="ema=True, but the file holds no complete model_ema"):
         single_file.load(build_file(tmp_path, "sd1pipe"), config=folder("sd1pipe"), ema=True)
 
