@@ -222,7 +222,8 @@ class Pipeline:
         where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
         diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
         config. The folder is checked before and while its weights are read (configs that disagree,
-        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``."""
+        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``.
+        A path ending in ``.safetensors`` is one file in the original layout: see ``from_single_file``."""
         from jaxdiff.pretrained import stable_diffusion
 
         if str(model).endswith(".safetensors"):  # one file in the original layout, not a diffusers folder

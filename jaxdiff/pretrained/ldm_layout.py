@@ -306,35 +306,26 @@ def plan(keys, model_type: str, *, text_layers: int | None = None, ema: bool | N
     use_ema = has_ema if ema is None else bool(ema)
     layout = UNetLayout.from_keys([k[len(UNET):] for k in unet_keys]).modules()
     vae_table = vae_modules([k[len(VAE):] for k in keys if k.startswith(VAE)])
-    text_prefix = dict((p, pre) for p, pre, _ in PARTS[model_type])["text"]
-    text_keys = [k[len(text_prefix):] for k in keys if k.startswith(text_prefix)]
-    if model_type == "sd2" and text_layers is None:
-        text_layers = open_clip_blocks(text_keys) - 1  # SD 2.x reads the penultimate block's states
+    rules = {"unet": lambda k: unet_key(k, layout), "vae": lambda k: vae_key(k, vae_table), "clip": clip_key}
+    for _, prefix, name in PARTS[model_type]:
+        if name == "open_clip":
+            blocks = open_clip_blocks([k[len(prefix):] for k in keys if k.startswith(prefix)])
+            # SD 2.x reads the penultimate block's states: its text config has one layer less than stored
+            depth = blocks - 1 if text_layers is None else text_layers
+            rules["open_clip"] = lambda k, depth=depth: open_clip_key(k, depth)
     mapping, unknown = {}, []
     for key in keys:
         if key in IGNORED or any(key.startswith(p) for p in IGNORED_PREFIXES):
             mapping[key] = (None, DROPPED)
             continue
-        if key in ema_keys:  # an EMA copy: the U-Net key it shadows decides where it goes
-            source = ema_keys[key]
-            target = unet_key(source[len(UNET):], layout)
-            mapping[key] = ("unet", target) if use_ema and target is not None else (None, DROPPED)
-            continue
-        if key.startswith(UNET):
-            target = unet_key(key[len(UNET):], layout)
-            if target is not None and use_ema:
-                target = DROPPED
-            part = "unet"
-        elif key.startswith(VAE):
-            target, part = vae_key(key[len(VAE):], vae_table), "vae"
-        elif key.startswith(text_prefix) and model_type == "sd1":
-            target, part = clip_key(key[len(text_prefix):]), "text"
-        elif key.startswith(text_prefix):
-            target, part = open_clip_key(key[len(text_prefix):], text_layers), "text"
-        else:
-            target = part = None
+        source = ema_keys.get(key, key)  # an EMA copy goes where the U-Net key it shadows goes
+        found = next(((part, prefix, name) for part, prefix, name in PARTS[model_type] if source.startswith(prefix)),
+                     None)
+        target = None if found is None else rules[found[2]](source[len(found[1]):])
         if target is None:
             unknown.append(key)
+        elif target == DROPPED or (found[0] == "unet" and use_ema != (key in ema_keys)):
+            mapping[key] = (None, DROPPED)  # a dropped block, or the U-Net copy not chosen
         else:
-            mapping[key] = (None, DROPPED) if target == DROPPED else (part, target)
+            mapping[key] = (found[0], target)
     return mapping, unknown, use_ema
