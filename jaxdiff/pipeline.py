@@ -222,11 +222,31 @@ class Pipeline:
         where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
         diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
         config. The folder is checked before and while its weights are read (configs that disagree,
-        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``."""
+        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``.
+        A path ending in ``.safetensors`` is one file in the original layout: see ``from_single_file``."""
         from jaxdiff.pretrained import stable_diffusion
 
+        if str(model).endswith(".safetensors"):  # one file in the original layout, not a diffusers folder
+            return cls.from_single_file(model, dtype=dtype, attention=attention)
         return cls.for_stable_diffusion(stable_diffusion.load(model, dtype=dtype, attention=attention, variant=variant,
                                                               offline=offline))
+
+    @classmethod
+    def from_single_file(cls, path, *, config=None, prediction_type: str | None = None, ema: bool | None = None,
+                         dtype=jnp.float32, attention: str | None = None) -> Pipeline:
+        """Stable Diffusion 1.x / 2.x from one .safetensors file in the original (A1111 / LDM) layout::
+
+            pipe = Pipeline.from_single_file("v1-5-pruned-emaonly.safetensors")
+            pipe = Pipeline.from_single_file("v2-1_512-ema-pruned.safetensors", prediction_type="epsilon")
+
+        Configs are inferred from the tensors' shapes (``config``: a diffusers folder of the same model
+        instead); the tokenizer is CLIP's, shipped with jaxdiff. ``prediction_type``: None (1.x epsilon,
+        2.x v_prediction, as diffusers assumes), "epsilon" or "v_prediction". ``ema``: None reads the
+        U-Net's EMA copy when the file has one. See ``jaxdiff.pretrained.single_file``."""
+        from jaxdiff.pretrained import single_file
+
+        return cls.for_stable_diffusion(single_file.load(path, config=config, prediction_type=prediction_type,
+                                                         ema=ema, dtype=dtype, attention=attention))
 
     @classmethod
     def for_stable_diffusion(cls, sd) -> Pipeline:
