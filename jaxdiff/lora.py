@@ -461,7 +461,7 @@ def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
         if "alpha" in p:
             value = np.asarray(p["alpha"], np.float64)
             if value.size != 1 or not np.isfinite(value).all():
-                raise LoRAFileError(f"{path}: {key}.alpha must be one finite number, got shape {value.shape}")
+                raise LoRAFileError(f"{path}: {key}.alpha must be one finite number, got {value.tolist()}")
             alpha = float(value.reshape(()))
         _add(weights, alphas, comp, module, a, b, alpha)
     skipped += _unmapped(path, unmapped, strict, "name no layer of the model")

@@ -163,6 +163,9 @@ def test_kohya_keys_that_map_nowhere_are_refused_by_name(sd, tmp_path):
                     np.zeros((16, 2, 1, 1), np.float32)}, "a 3x3 down kernel for the model's 1x1 convolution"),
         "shape": ({f"{Q}.lora_down.weight": np.zeros((2, 7), np.float32), f"{Q}.lora_up.weight": up},
                   "maps 7 -> 16; the model's layer maps 16 -> 16"),
+        "alpha": ({**good, f"{Q}.lora_down.weight": down, f"{Q}.lora_up.weight": up,
+                   f"{Q}.alpha": np.array([1.0, 2.0], np.float32)},
+                  f"{Q}.alpha must be one finite number, got \\[1.0, 2.0\\]"),
     }
     for case, (content, message) in cases.items():
         path = tmp_path / f"{case}.safetensors"
