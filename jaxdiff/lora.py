@@ -20,8 +20,9 @@ text encoder under ``text_encoder.``; ``lora_adapter_metadata`` holding ``unet.r
 or diffusers'/peft's, with or without the component prefix, alpha and rank patterns, rsLoRA) and diffusers'
 older ``lora.down`` / ``lora.up`` keys with ``.alpha`` tensors. It also reads the kohya / A1111 layout
 (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, ``lora_te_<module>...``; see
-``_load_kohya``). DoRA, LyCORIS' other adapters (LoHa, LoKr), SDXL's two text encoders and kohya files named in
-the original LDM layout are refused with one clear line.
+``_load_kohya``), with the U-Net's modules named as diffusers names them or as the original LDM U-Net does
+(``lora_unet_input_blocks_1_1_...``). DoRA, LyCORIS' other adapters (LoHa, LoKr) and SDXL's two text encoders are
+refused with one clear line.
 
     lora = lora.init(sd.params, rank=4, alpha=4, key=jax.random.key(0))        # U-Net attention projections
     loss = lambda base: sd_train.sd_loss(lora.apply_with(sd_train.unet_apply(sd.unet), base, lora), sd.schedule,
@@ -386,8 +387,14 @@ KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text"}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA = re.compile(r"^(?P<prefix>lora_unet|lora_te[12]?)_(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight"
                     r"|alpha)$")
-# the original LDM U-Net's module names, which some trainers write instead of diffusers'
+# the original LDM U-Net's module names, which some trainers (and A1111's own converter) write instead of diffusers'
 _LDM_UNET = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "out_2")
+_LDM_IO = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_LDM_MID = re.compile(r"^middle_block_(\d+)_(.+)$")
+_LDM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+_LDM_DIRECT = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+               "time_embed_2": "time_embedding_linear_2"}
 # parts of LyCORIS' other adapters and of DoRA, named in the refusal
 _NOT_LORA = re.compile(r"\.(hada_|lokr_|dora_scale|lora_mid|diff|on_input|weight_decompose)")
 
@@ -406,11 +413,46 @@ def _kohya_names(component_params) -> dict:
     return index
 
 
+def _ldm_name(name: str, index: dict) -> str:
+    """diffusers' module name (underscored) for a module of the original LDM U-Net, read off the model: its
+    levels hold ``layers`` resnets (down) or ``layers + 1`` (up), counted in ``index``. LDM numbers the input
+    blocks 1.. through each level's (resnet, attention) pairs and then its downsampler, and the output blocks
+    through each level's (resnet, attention[, upsampler]) triples; the middle block is resnet, attention, resnet.
+    Anything that does not parse comes back unchanged, to be reported as naming no module."""
+    if name in _LDM_DIRECT:
+        return _LDM_DIRECT[name]
+    if m := _LDM_MID.match(name):
+        i, rest = int(m[1]), m[2]
+        return {0: f"mid_block_resnets_0_{_LDM_RESNET.get(rest, rest)}", 1: f"mid_block_attentions_0_{rest}",
+                2: f"mid_block_resnets_1_{_LDM_RESNET.get(rest, rest)}"}.get(i, name)
+    if (m := _LDM_IO.match(name)) is None:
+        return name
+    kind, i, j, rest = m[1], int(m[2]), int(m[3]), m[4]
+    layers = len({k.split("_")[4] for k in index if k.startswith("down_blocks_0_resnets_")})
+    if kind == "input_blocks":
+        level, k = divmod(i - 1, layers + 1)
+        if i >= 1 and k == layers and j == 0 and rest == "op":
+            return f"down_blocks_{level}_downsamplers_0_conv"
+        if i >= 1 and k < layers and j in (0, 1):
+            return (f"down_blocks_{level}_resnets_{k}_{_LDM_RESNET.get(rest, rest)}" if j == 0
+                    else f"down_blocks_{level}_attentions_{k}_{rest}")
+        return name
+    level, k = divmod(i, layers + 1)
+    if j == 0:
+        return f"up_blocks_{level}_resnets_{k}_{_LDM_RESNET.get(rest, rest)}"
+    if j == 1 and any(key.startswith(f"up_blocks_{level}_attentions_") for key in index):
+        return f"up_blocks_{level}_attentions_{k}_{rest}"
+    if j in (1, 2):  # a level without attention holds its upsampler second, one with attention third
+        return f"up_blocks_{level}_upsamplers_0_{rest}"
+    return name
+
+
 def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
     """kohya's layout (sd-scripts' networks/lora.py, and A1111's reader): ``lora_unet_<module>`` for the U-Net and
     ``lora_te_<module>`` for the text encoder, each with ``.lora_down.weight`` (r, in[, kh, kw]),
     ``.lora_up.weight`` (out, r[, 1, 1]) and optionally ``.alpha`` (default r); delta W = (alpha / r) up @ down.
-    Module names are diffusers' with dots as underscores, matched against the model's own module paths."""
+    Module names are diffusers' with dots as underscores, matched against the model's own module paths; U-Net
+    names in the original LDM layout are first renamed to diffusers' (``_ldm_name``)."""
     if sdxl := sorted(k for k in tensors if k.startswith(("lora_te1_", "lora_te2_"))):
         raise LoRAFileError(f"{path}: an SDXL LoRA ({sdxl[0]}: lora_te1_ / lora_te2_ name SDXL's two text encoders); "
                             f"jaxdiff's Stable Diffusion is 1.x / 2.x")
@@ -425,11 +467,6 @@ def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
         raise LoRAFileError(f"{path}: {other[0]} is part of an adapter other than plain LoRA / LoCon (LyCORIS' LoHa, "
                             f"LoKr or Tucker, DoRA); jaxdiff reads lora_down / lora_up / alpha")
     skipped = _unmapped(path, unknown, strict, "are not kohya LoRA weights (lora_down / lora_up / alpha)")
-    ldm = sorted(f"{p}_{n}" for p, n in parts if p == "lora_unet" and n.startswith(_LDM_UNET))
-    if ldm:
-        raise LoRAFileError(f"{path}: its U-Net keys name the original LDM modules ({ldm[0]} ...), which jaxdiff does "
-                            f"not map yet; it reads kohya files that name diffusers' modules "
-                            f"(lora_unet_down_blocks_0_attentions_0_...)")
     indexes: dict = {}
     weights: dict = {}
     alphas: dict = {}
@@ -444,6 +481,8 @@ def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
         if comp not in params:
             raise LoRAFileError(f"{path}: {key} adapts the {comp} component, which the model's parameters lack")
         index = indexes.setdefault(comp, _kohya_names(params[comp]))
+        if comp == "unet" and name.startswith(_LDM_UNET):
+            name = _ldm_name(name, index)
         if comp == "text" and name not in index:  # written from transformers 5's CLIP, which has no text_model level
             name = f"text_model_{name}" if f"text_model_{name}" in index else name
         if name not in index:

@@ -6,6 +6,8 @@ refused by name."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import warnings
 
@@ -18,7 +20,7 @@ from safetensors.numpy import save_file
 from jaxdiff import lora
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.pretrained import stable_diffusion
-from jaxdiff.pretrained.keys import torch_key
+from jaxdiff.pretrained.keys import module_path, torch_key
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 KOHYA = os.path.join(FIXTURES, "sd_kohya")
@@ -148,9 +150,12 @@ def test_kohya_keys_that_map_nowhere_are_refused_by_name(sd, tmp_path):
     cases = {
         "nowhere": ({**good, f"{nowhere}.lora_down.weight": down, f"{nowhere}.lora_up.weight": up},
                     f"keys name no layer of the model: {nowhere}.lora_down.weight"),
-        "ldm": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
-                 "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up},
-                "original LDM modules \\(lora_unet_input_blocks_1_1_proj_in"),
+        "ldm": ({**good, "lora_unet_input_blocks_9_1_proj_in.lora_down.weight": down,
+                 "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": up},
+                "keys name no layer of the model: lora_unet_input_blocks_9_1_proj_in.lora_down.weight"),
+        "twice": ({**good, "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+                   "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up},
+                  f"{Q} and lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q adapt the same module"),
         "sdxl": ({**good, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down},
                  "an SDXL LoRA \\(lora_te1_text_model_encoder_layers_0_mlp_fc1"),
         "loha": ({**good, f"{Q}.hada_w1_a": down}, f"{Q}.hada_w1_a is part of an adapter other than plain LoRA"),
@@ -180,3 +185,77 @@ def test_kohya_keys_that_map_nowhere_are_refused_by_name(sd, tmp_path):
         warnings.simplefilter("error")
         alone = lora.load(ATTN, sd.params)
     assert pipe._loras[0][0].alphas == alone.alphas
+
+
+# the tiny SD-1 U-Net's modules in the original LDM layout (one resnet per level: input blocks 1 = level 0's
+# resnet and attention, 2 its downsampler, 3 level 1's resnet; output blocks 0-1 level 0 (upsampler second, no
+# attention), 2-3 level 1), and ResBlock's layer names
+TINY_LDM = {
+    "down_blocks_0_attentions_0": "input_blocks_1_1", "down_blocks_0_resnets_0": "input_blocks_1_0",
+    "down_blocks_0_downsamplers_0_conv": "input_blocks_2_0_op", "down_blocks_1_resnets_0": "input_blocks_3_0",
+    "mid_block_resnets_0": "middle_block_0", "mid_block_attentions_0": "middle_block_1",
+    "up_blocks_0_upsamplers_0_conv": "output_blocks_1_1_conv", "up_blocks_0_resnets_1": "output_blocks_1_0",
+    "up_blocks_1_resnets_0": "output_blocks_2_0", "up_blocks_1_attentions_1": "output_blocks_3_1",
+    "time_embedding_linear_1": "time_embed_0",
+}
+RESNET_LDM = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+              "conv_shortcut": "skip_connection"}
+
+
+def test_a_file_in_ldm_names_reads_as_the_one_in_diffusers_names(sd, tmp_path):
+    tensors = read(LOCON)
+    renamed = {}
+    for key, value in tensors.items():
+        name, part = key.split(".", 1)
+        for diffusers, ldm in TINY_LDM.items():
+            if name.startswith(f"lora_unet_{diffusers}"):
+                rest = name.removeprefix(f"lora_unet_{diffusers}")
+                rest = "_" + RESNET_LDM.get(rest[1:], rest[1:]) if "resnets" in diffusers else rest
+                name = f"lora_unet_{ldm}{rest}"
+        renamed[f"{name}.{part}"] = value
+    unet = [k for k in renamed if k.startswith("lora_unet_")]  # every U-Net key renamed: 21 blocks' and time_embed
+    assert len(unet) == 66 and sum(k.startswith(("lora_unet_input", "lora_unet_middle", "lora_unet_output",
+                                                 "lora_unet_time_embed_0.")) for k in unet) == 66
+    save_file(renamed, str(tmp_path / "ldm.safetensors"))
+    ldm, theirs = lora.load(tmp_path / "ldm.safetensors", sd.params), lora.load(LOCON, sd.params)
+    assert ldm.alphas == theirs.alphas
+    assert jax.tree.structure(ldm.weights) == jax.tree.structure(theirs.weights)
+    for a, b in zip(jax.tree.leaves(ldm.weights), jax.tree.leaves(theirs.weights), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ldm_names_on_sd15_s_real_layout():
+    """The rule read off SD-1.5's real U-Net (two resnets per level, no attention in level 3 / up level 0)."""
+    real = json.loads(gzip.decompress(open(os.path.join(FIXTURES, "sd_keys", "keys.json.gz"), "rb").read()))
+    tree: dict = {}
+    for key, _, kind, _ in real["components"]["sd15_unet"]:
+        if kind in ("Conv2d", "Linear") and key.endswith(".weight"):
+            node = tree
+            for p in module_path(key):
+                node = node.setdefault(p, {})
+            node["kernel"] = np.zeros(())
+    index = lora._kohya_names({"params": tree})
+    want = {
+        "input_blocks_0_0": "conv_in", "input_blocks_1_0_in_layers_2": "down_blocks_0_resnets_0_conv1",
+        "input_blocks_2_1_proj_in": "down_blocks_0_attentions_1_proj_in",
+        "input_blocks_3_0_op": "down_blocks_0_downsamplers_0_conv",
+        "input_blocks_4_0_skip_connection": "down_blocks_1_resnets_0_conv_shortcut",
+        "input_blocks_5_1_transformer_blocks_0_attn2_to_k":
+            "down_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k",
+        "input_blocks_9_0_op": "down_blocks_2_downsamplers_0_conv",
+        "input_blocks_11_0_emb_layers_1": "down_blocks_3_resnets_1_time_emb_proj",
+        "middle_block_0_out_layers_3": "mid_block_resnets_0_conv2",
+        "middle_block_1_transformer_blocks_0_ff_net_2": "mid_block_attentions_0_transformer_blocks_0_ff_net_2",
+        "middle_block_2_in_layers_2": "mid_block_resnets_1_conv1",
+        "output_blocks_0_0_skip_connection": "up_blocks_0_resnets_0_conv_shortcut",
+        "output_blocks_2_1_conv": "up_blocks_0_upsamplers_0_conv",
+        "output_blocks_3_1_proj_out": "up_blocks_1_attentions_0_proj_out",
+        "output_blocks_5_2_conv": "up_blocks_1_upsamplers_0_conv",
+        "output_blocks_8_2_conv": "up_blocks_2_upsamplers_0_conv",
+        "output_blocks_11_1_transformer_blocks_0_attn1_to_out_0":
+            "up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_out_0",
+        "time_embed_2": "time_embedding_linear_2", "out_2": "conv_out",
+    }
+    for ldm, diffusers in want.items():
+        assert diffusers in index, diffusers
+        assert lora._ldm_name(ldm, index) == diffusers, ldm
