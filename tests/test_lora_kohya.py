@@ -185,6 +185,23 @@ def test_kohya_keys_that_map_nowhere_are_refused_by_name(sd, tmp_path):
         warnings.simplefilter("error")
         alone = lora.load(ATTN, sd.params)
     assert pipe._loras[0][0].alphas == alone.alphas
+    # a text encoder LoRA without out_proj (diffusers 0.42.1 cannot tell its format) reads
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{te}.lora_down.weight": np.ones((2, 32), np.float32),
+               f"{te}.lora_up.weight": np.ones((32, 2), np.float32)}, str(tmp_path / "te.safetensors"))
+    want = {"text": {"text_model.encoder.layers.0.self_attn.q_proj": 2.0}}  # no alpha: the rank
+    assert lora.load(tmp_path / "te.safetensors", sd.params).alphas == want
+
+
+def test_a_name_two_modules_could_carry_is_refused(tmp_path):
+    kernel = {"kernel": np.zeros((4, 4), np.float32)}
+    params = {"unet": {"params": {"a_b": {"c": kernel}, "a": {"b_c": kernel}, "d": kernel}}}
+    pair = {"lora_down.weight": np.zeros((1, 4), np.float32), "lora_up.weight": np.zeros((4, 1), np.float32)}
+    save_file({f"lora_unet_a_b_c.{k}": v for k, v in pair.items()}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(lora.LoRAFileError, match="lora_unet_a_b_c could name more than one module"):
+        lora.load(tmp_path / "two.safetensors", params)
+    save_file({f"lora_unet_d.{k}": v for k, v in pair.items()}, str(tmp_path / "one.safetensors"))
+    assert lora.load(tmp_path / "one.safetensors", params).alphas == {"unet": {"d": 1.0}}
 
 
 # the tiny SD-1 U-Net's modules in the original LDM layout (one resnet per level: input blocks 1 = level 0's
