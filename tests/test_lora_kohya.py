@@ -276,3 +276,18 @@ def test_ldm_names_on_sd15_s_real_layout():
     for ldm, diffusers in want.items():
         assert diffusers in index, diffusers
         assert lora._ldm_name(ldm, index) == diffusers, ldm
+
+
+def test_a_1x1_convolution_and_a_dense_layer_take_each_other_s_adapters():
+    """SD-1 holds proj_in / proj_out as 1x1 convolutions, SD-2 as Dense layers; files of either shape fit both."""
+    rng = np.random.default_rng(0)
+    down, up = rng.normal(size=(3, 5)), rng.normal(size=(7, 3))
+    want = (up @ down).T  # (in, out)
+    for d, u in ((down, up), (down[:, :, None, None], up[:, :, None, None])):
+        a, b = lora._adapter(d, u, (5, 7), "dense")
+        np.testing.assert_allclose(a @ b, want, rtol=1e-6)
+        a, b = lora._adapter(d, u, (1, 1, 5, 7), "conv")
+        assert a.shape == (1, 1, 5, 3)
+        np.testing.assert_allclose((a @ b)[0, 0], want, rtol=1e-6)
+    with pytest.raises(lora.LoRAFileError, match="dense: down \\(3, 5, 3, 3\\) and up \\(7, 3\\) are not \\(r, in\\)"):
+        lora._adapter(rng.normal(size=(3, 5, 3, 3)), up, (5, 7), "dense")
