@@ -47,6 +47,10 @@ def sd():
 
 def test_kohya_loras_give_diffusers_images(sd):
     ref = np.load(os.path.join(KOHYA, "reference.npz"))
+    with open(os.path.join(KOHYA, "versions.json")) as f:
+        versions = json.load(f)
+    assert {"torch", "diffusers", "peft", "safetensors"} <= set(versions) and versions["scales"] == {"locon": 0.6,
+                                                                                                  "attn": 1.3}
     # the LoRAs move diffusers' images far beyond the tolerance, so a LoRA read as nothing cannot pass
     assert min(np.abs(ref[k] - ref["base"]).max() for k in ("locon", "both", "both_fused")) > 0.1
     pipe = Pipeline.for_stable_diffusion(sd)
