@@ -2,8 +2,11 @@
 
 For a Dense layer with kernel W (in, out) an adapter holds A (in, r) and B (r, out) and the layer computes
 with W + scale * (alpha / r) * A @ B: peft's LoRA (its lora_A.weight is A transposed, lora_B.weight is B
-transposed; delta W = (alpha / r) B A in torch's (out, in) layout). ``init`` draws A as peft does
-(uniform in +-1/sqrt(in), torch's Linear default) and sets B to zero, so a fresh LoRA changes nothing.
+transposed; delta W = (alpha / r) B A in torch's (out, in) layout). For a convolution with kernel W
+(kh, kw, in, out) A is a convolution kernel (kh, kw, in, r) and B the 1x1 convolution after it, held as (r, out):
+the same A @ B (contracting r) is the merged kernel, exact for any stride and padding since B is 1x1 (peft's and
+kohya's LoCon). ``init`` draws A as peft does (uniform in +-1/sqrt(in), torch's Linear default) and sets B to
+zero, so a fresh LoRA changes nothing.
 
 A ``LoRA`` is ``weights`` -- a pytree {component: nested dicts mirroring the component's module path ->
 {"A", "B"}}, e.g. weights["unet"]["down_blocks_0"]["attentions_0"]...["to_q"] -- and ``alphas``
@@ -15,7 +18,10 @@ writes from peft's state dict (``unet.<module>.lora_A.weight`` (r, in), ``lora_B
 text encoder under ``text_encoder.``; ``lora_adapter_metadata`` holding ``unet.r``, ``unet.lora_alpha``,
 ``unet.target_modules``), which diffusers' ``load_lora_weights`` reads. ``load`` reads that layout (jaxdiff's
 or diffusers'/peft's, with or without the component prefix, alpha and rank patterns, rsLoRA) and diffusers'
-older ``lora.down`` / ``lora.up`` keys with ``.alpha`` tensors. Kohya's ``lora_unet_...`` keys and DoRA are
+older ``lora.down`` / ``lora.up`` keys with ``.alpha`` tensors. It also reads the kohya / A1111 layout
+(``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, ``lora_te_<module>...``; see
+``_load_kohya``), with the U-Net's modules named as diffusers names them or as the original LDM U-Net does
+(``lora_unet_input_blocks_1_1_...``). DoRA, LyCORIS' other adapters (LoHa, LoKr) and SDXL's two text encoders are
 refused with one clear line.
 
     lora = lora.init(sd.params, rank=4, alpha=4, key=jax.random.key(0))        # U-Net attention projections
@@ -32,6 +38,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +60,8 @@ class LoRAFileError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoRA:
-    """Adapters: ``weights`` {component: nested {..., module: {"A": (in, r), "B": (r, out)}}} (a pytree, the
-    part that trains) and ``alphas`` {component: {diffusers module name: alpha}}."""
+    """Adapters: ``weights`` {component: nested {..., module: {"A": (in, r) or (kh, kw, in, r), "B": (r, out)}}}
+    (a pytree, the part that trains) and ``alphas`` {component: {diffusers module name: alpha}}."""
 
     weights: dict
     alphas: dict
@@ -109,15 +116,39 @@ def _get(tree, path):
     return tree
 
 
-def _kernel(params, comp, name):
+def _kernel(params, comp, name, dense_only: bool = True):
     try:
         kernel = _get(params[comp]["params"], module_path(name + ".weight"))["kernel"]
     except (KeyError, TypeError):
         kernel = None
-    if kernel is None or np.ndim(kernel) != 2:  # a convolution's kernel is 4-D: LoRA on convolutions is not read
-        raise LoRAFileError(f"the LoRA adapts {PREFIXES.get(comp, comp)}.{name}, which this model has no Dense "
-                            f"layer for")
+    if kernel is None or np.ndim(kernel) not in ((2,) if dense_only else (2, 4)):
+        layers = "Dense layer" if dense_only else "Dense or Conv layer"
+        raise LoRAFileError(f"the LoRA adapts {PREFIXES.get(comp, comp)}.{name}, which this model has no {layers} "
+                            f"for")
     return kernel
+
+
+def _adapter(down, up, kernel_shape, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) in jaxdiff's layout from torch's down (r, in[, kh, kw]) and up (out, r[, 1, 1]) for a layer whose flax
+    kernel has ``kernel_shape``; a 1x1 convolution and a Dense layer take each other's adapters (the same map)."""
+    down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+    window, (n_in, n_out) = tuple(kernel_shape[:-2]), kernel_shape[-2:]
+    if up.ndim == 4 and up.shape[2:] == (1, 1):
+        up = up[:, :, 0, 0]
+    if down.ndim == 4 and not window and down.shape[2:] == (1, 1):
+        down = down[:, :, 0, 0]
+    if down.ndim == 2 and window == (1, 1):
+        down = down[:, :, None, None]
+    if down.ndim != 2 + len(window) or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        kind, dims = ((f"a {window[0]}x{window[1]} convolution", "r, in, kh, kw") if window
+                      else ("a Dense layer", "r, in"))
+        raise LoRAFileError(f"{where}: down {down.shape} and up {up.shape} are not ({dims}) and (out, r) for {kind}")
+    if (down.shape[1], up.shape[0]) != (n_in, n_out):
+        raise LoRAFileError(f"{where} maps {down.shape[1]} -> {up.shape[0]}; the model's layer maps {n_in} -> {n_out}")
+    if tuple(down.shape[2:]) != window:
+        raise LoRAFileError(f"{where}: a {down.shape[2]}x{down.shape[3]} down kernel for the model's "
+                            f"{window[0]}x{window[1]} convolution")
+    return np.transpose(down, tuple(range(2, down.ndim)) + (1, 0)), np.ascontiguousarray(up.T)
 
 
 def init(params, *, rank: int, alpha: float | None = None, key, targets=UNET_TARGETS, component: str = "unet") -> LoRA:
@@ -157,11 +188,12 @@ def merge(params, lora: LoRA, scale=1.0):
         for path, leaf in _adapters(tree):
             a, b = leaf["A"], leaf["B"]
             name = _module_name(path)
-            factor = lora.alphas[comp][name] / a.shape[1]
+            factor = lora.alphas[comp][name] / a.shape[-1]
             w = _get(inner, path)["kernel"]
-            if w.shape != (a.shape[0], b.shape[1]):
-                raise LoRAFileError(f"the LoRA for {PREFIXES.get(comp, comp)}.{name} is ({a.shape[0]}, {b.shape[1]}); "
+            if w.shape != (*a.shape[:-1], b.shape[1]):
+                raise LoRAFileError(f"the LoRA for {PREFIXES.get(comp, comp)}.{name} is {(*a.shape[:-1], b.shape[1])}; "
                                     f"the layer's kernel is {tuple(w.shape)}")
+            # a convolution's A (kh, kw, in, r) @ B (r, out) is its merged (kh, kw, in, out) kernel
             delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)) * (scale * factor)
             inner = _set(inner, path + ("kernel",), (w.astype(jnp.float32) + delta).astype(w.dtype))
         out[comp] = {**params[comp], "params": inner}
@@ -213,9 +245,12 @@ def save(path, lora: LoRA) -> None:
             raise ValueError(f"cannot save a LoRA of component {comp!r}; diffusers' layout has {sorted(PREFIXES)}")
         ranks, alphas = {}, {}
         for name, (a, b) in mods.items():
-            tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
-            tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
-            ranks[name], alphas[name] = int(a.shape[1]), float(lora.alphas[comp][name])
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            conv = a.ndim == 4  # torch's conv layout: lora_A (r, in, kh, kw), lora_B (out, r, 1, 1)
+            tensors[f"{prefix}.{name}.lora_A.weight"] = np.ascontiguousarray(np.transpose(a, (3, 2, 0, 1)) if conv
+                                                                             else a.T)
+            tensors[f"{prefix}.{name}.lora_B.weight"] = np.ascontiguousarray(b.T[:, :, None, None] if conv else b.T)
+            ranks[name], alphas[name] = int(a.shape[-1]), float(lora.alphas[comp][name])
         r = max(set(ranks.values()), key=list(ranks.values()).count)
         alpha = max(set(alphas.values()), key=list(alphas.values()).count)
         meta[f"{prefix}.r"] = r
@@ -244,10 +279,11 @@ def _pattern_value(patterns: dict, name: str):
     return None
 
 
-def load(path, params) -> LoRA:
+def load(path, params, *, strict: bool = True) -> LoRA:
     """A LoRA file (see the module docstring) checked against ``params`` (a dict of components: "unet", "text"):
-    every adapter must name a Dense layer of the model with matching shapes; anything else is one
-    ``LoRAFileError`` naming the file and the keys."""
+    every adapter must name a Dense or Conv layer of the model with fitting shapes; anything else is one
+    ``LoRAFileError`` naming the file and the keys. ``strict=False`` skips keys that map to no layer of the model
+    instead, and lists them in a warning."""
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
@@ -259,9 +295,32 @@ def load(path, params) -> LoRA:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise LoRAFileError(f"{path}: not a readable .safetensors file ({e})") from None
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in tensors):
-        raise LoRAFileError(f"{path}: kohya-style keys (lora_unet_...) are not read; convert the file to diffusers' "
-                            f"layout (diffusers' load_lora_weights + save_lora_weights does)")
+    if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
+        lora, skipped = _load_kohya(path, tensors, params, strict)
+    else:
+        lora, skipped = _load_peft(path, tensors, metadata, params, strict)
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} keys that map to no layer of the model (strict=False): "
+                      f"{', '.join(sorted(skipped))}", stacklevel=2)
+    return lora
+
+
+def _unmapped(path, keys: list, strict: bool, what: str) -> list:
+    if keys and strict:
+        raise LoRAFileError(f"{path}: {len(keys)} keys {what}: {', '.join(sorted(keys)[:5])}"
+                            f"{' ...' if len(keys) > 5 else ''} (strict=False skips them)")
+    return keys
+
+
+def _add(weights: dict, alphas: dict, comp: str, flax_module: tuple, a, b, alpha: float) -> None:
+    node = weights.setdefault(comp, {})
+    for q in flax_module:
+        node = node.setdefault(q, {})
+    node.update(A=jnp.asarray(a), B=jnp.asarray(b))
+    alphas.setdefault(comp, {})[_module_name(flax_module)] = float(alpha)
+
+
+def _load_peft(path, tensors: dict, metadata: dict, params, strict: bool) -> tuple[LoRA, list]:
     try:
         meta = json.loads(metadata.get(METADATA_KEY, "{}"))
     except ValueError:
@@ -287,9 +346,7 @@ def load(path, params) -> LoRA:
             parts.setdefault((comp, m["module"]), {})["alpha"] = float(np.asarray(value).reshape(()))
         else:
             unknown.append(key)
-    if unknown:
-        raise LoRAFileError(f"{path}: keys that are not LoRA weights in diffusers' layout: {sorted(unknown)[:5]}"
-                            f"{' ...' if len(unknown) > 5 else ''}")
+    skipped = _unmapped(path, unknown, strict, "are not LoRA weights in diffusers' layout")
     if not parts:
         raise LoRAFileError(f"{path}: holds no LoRA weights")
     weights: dict = {}
@@ -302,24 +359,151 @@ def load(path, params) -> LoRA:
             raise LoRAFileError(f"{path}: a DoRA adapter (use_dora); jaxdiff reads plain LoRA")
         if comp not in params:
             raise LoRAFileError(f"{path}: adapts {prefix}, which the model's parameters lack")
-        a, b = np.asarray(p["A"], np.float32), np.asarray(p["B"], np.float32)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise LoRAFileError(f"{path}: {prefix}.{name}: lora_A {a.shape} and lora_B {b.shape} are not (r, in) "
-                                f"and (out, r)")
-        rank = a.shape[0]
+        try:
+            w = _kernel(params, comp, name, dense_only=False)
+        except LoRAFileError:
+            if strict:
+                raise
+            skipped += [f"{prefix}.{name}.{part}" for part in sorted(p)]
+            continue
+        a, b = _adapter(p["A"], p["B"], w.shape, f"{path}: {prefix}.{name}")
+        rank = a.shape[-1]
         alpha = _pattern_value(meta.get(f"{prefix}.alpha_pattern") or {}, name)
         if alpha is None:
             alpha = meta.get(f"{prefix}.lora_alpha", p.get("alpha", rank))
         alpha = float(alpha)
         if meta.get(f"{prefix}.use_rslora"):  # scale alpha / sqrt(r): the same as alpha * sqrt(r) over r
             alpha *= math.sqrt(rank)
-        w = _kernel(params, comp, name)
-        if tuple(w.shape) != (a.shape[1], b.shape[0]):
-            raise LoRAFileError(f"{path}: {prefix}.{name} maps {a.shape[1]} -> {b.shape[0]}; the model's layer maps "
-                                f"{w.shape[0]} -> {w.shape[1]}")
-        node = weights.setdefault(comp, {})
-        for q in module_path(name + ".weight"):
-            node = node.setdefault(q, {})
-        node.update(A=jnp.asarray(a.T), B=jnp.asarray(b.T))
-        alphas.setdefault(comp, {})[name] = alpha
-    return LoRA(weights, alphas)
+        _add(weights, alphas, comp, module_path(name + ".weight"), a, b, alpha)
+    if not weights:
+        raise LoRAFileError(f"{path}: none of its adapters fits a layer of the model")
+    return LoRA(weights, alphas), skipped
+
+
+# kohya / A1111 ---------------------------------------------------------------------------------------------
+
+# the component each prefix adapts; SDXL's lora_te1_ / lora_te2_ are recognised to be refused by name
+KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text"}
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA = re.compile(r"^(?P<prefix>lora_unet|lora_te[12]?)_(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight"
+                    r"|alpha)$")
+# the original LDM U-Net's module names, which some trainers (and A1111's own converter) write instead of diffusers'
+_LDM_UNET = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "out_2")
+_LDM_IO = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_LDM_MID = re.compile(r"^middle_block_(\d+)_(.+)$")
+_LDM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+_LDM_DIRECT = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+               "time_embed_2": "time_embedding_linear_2"}
+# parts of LyCORIS' other adapters and of DoRA, named in the refusal
+_NOT_LORA = re.compile(r"\.(hada_|lokr_|dora_scale|lora_mid|diff|on_input|weight_decompose)")
+
+
+def _kohya_names(component_params) -> dict:
+    """{kohya's module name: flax module path} for every layer with a kernel; kohya's name is the diffusers module
+    name with dots as underscores, which is the flax path joined with "_" (flax already joins list indices so).
+    A name two modules would share maps to None: it is refused, never guessed."""
+    index: dict = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(component_params["params"])[0]:
+        names = tuple(k.key for k in path)
+        if names[-1] != "kernel":
+            continue
+        name = "_".join(names[:-1])
+        index[name] = names[:-1] if index.get(name, names[:-1]) == names[:-1] else None
+    return index
+
+
+def _ldm_name(name: str, index: dict) -> str:
+    """diffusers' module name (underscored) for a module of the original LDM U-Net, read off the model: its
+    levels hold ``layers`` resnets (down) or ``layers + 1`` (up), counted in ``index``. LDM numbers the input
+    blocks 1.. through each level's (resnet, attention) pairs and then its downsampler, and the output blocks
+    through each level's (resnet, attention[, upsampler]) triples; the middle block is resnet, attention, resnet.
+    Anything that does not parse comes back unchanged, to be reported as naming no module."""
+    if name in _LDM_DIRECT:
+        return _LDM_DIRECT[name]
+    if m := _LDM_MID.match(name):
+        i, rest = int(m[1]), m[2]
+        return {0: f"mid_block_resnets_0_{_LDM_RESNET.get(rest, rest)}", 1: f"mid_block_attentions_0_{rest}",
+                2: f"mid_block_resnets_1_{_LDM_RESNET.get(rest, rest)}"}.get(i, name)
+    if (m := _LDM_IO.match(name)) is None:
+        return name
+    kind, i, j, rest = m[1], int(m[2]), int(m[3]), m[4]
+    layers = len({k.split("_")[4] for k in index if k.startswith("down_blocks_0_resnets_")})
+    if kind == "input_blocks":
+        level, k = divmod(i - 1, layers + 1)
+        if i >= 1 and k == layers and j == 0 and rest == "op":
+            return f"down_blocks_{level}_downsamplers_0_conv"
+        if i >= 1 and k < layers and j in (0, 1):
+            return (f"down_blocks_{level}_resnets_{k}_{_LDM_RESNET.get(rest, rest)}" if j == 0
+                    else f"down_blocks_{level}_attentions_{k}_{rest}")
+        return name
+    level, k = divmod(i, layers + 1)
+    if j == 0:
+        return f"up_blocks_{level}_resnets_{k}_{_LDM_RESNET.get(rest, rest)}"
+    if j == 1 and any(key.startswith(f"up_blocks_{level}_attentions_") for key in index):
+        return f"up_blocks_{level}_attentions_{k}_{rest}"
+    if j in (1, 2):  # a level without attention holds its upsampler second, one with attention third
+        return f"up_blocks_{level}_upsamplers_0_{rest}"
+    return name
+
+
+def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
+    """kohya's layout (sd-scripts' networks/lora.py, and A1111's reader): ``lora_unet_<module>`` for the U-Net and
+    ``lora_te_<module>`` for the text encoder, each with ``.lora_down.weight`` (r, in[, kh, kw]),
+    ``.lora_up.weight`` (out, r[, 1, 1]) and optionally ``.alpha`` (default r); delta W = (alpha / r) up @ down.
+    Module names are diffusers' with dots as underscores, matched against the model's own module paths; U-Net
+    names in the original LDM layout are first renamed to diffusers' (``_ldm_name``)."""
+    if sdxl := sorted(k for k in tensors if k.startswith(("lora_te1_", "lora_te2_"))):
+        raise LoRAFileError(f"{path}: an SDXL LoRA ({sdxl[0]}: lora_te1_ / lora_te2_ name SDXL's two text encoders); "
+                            f"jaxdiff's Stable Diffusion is 1.x / 2.x")
+    parts: dict = {}
+    unknown = []
+    for key, value in tensors.items():
+        if m := _KOHYA.match(key):
+            parts.setdefault((m["prefix"], m["module"]), {})[m["part"]] = value
+        else:
+            unknown.append(key)
+    if other := sorted(k for k in unknown if _NOT_LORA.search(k)):
+        raise LoRAFileError(f"{path}: {other[0]} is part of an adapter other than plain LoRA / LoCon (LyCORIS' LoHa, "
+                            f"LoKr or Tucker, DoRA); jaxdiff reads lora_down / lora_up / alpha")
+    skipped = _unmapped(path, unknown, strict, "are not kohya LoRA weights (lora_down / lora_up / alpha)")
+    indexes: dict = {}
+    weights: dict = {}
+    alphas: dict = {}
+    unmapped = []
+    seen: dict = {}
+    for (prefix, name), p in sorted(parts.items()):
+        key = f"{prefix}_{name}"
+        if "lora_down.weight" not in p or "lora_up.weight" not in p:
+            have = "lora_down" if "lora_down.weight" in p else "lora_up" if "lora_up.weight" in p else "alpha"
+            raise LoRAFileError(f"{path}: {key} has {have} without {'lora_up' if have == 'lora_down' else 'lora_down'}")
+        comp = KOHYA_COMPONENTS[prefix]
+        if comp not in params:
+            raise LoRAFileError(f"{path}: {key} adapts the {comp} component, which the model's parameters lack")
+        index = indexes.setdefault(comp, _kohya_names(params[comp]))
+        if comp == "unet" and name.startswith(_LDM_UNET):
+            name = _ldm_name(name, index)
+        if comp == "text" and name not in index:  # written from transformers 5's CLIP, which has no text_model level
+            name = f"text_model_{name}" if f"text_model_{name}" in index else name
+        if name not in index:
+            unmapped += [f"{key}.{part}" for part in sorted(p)]
+            continue
+        if index[name] is None:
+            raise LoRAFileError(f"{path}: {key} could name more than one module of the model")
+        module = index[name]
+        if (comp, module) in seen:
+            raise LoRAFileError(f"{path}: {seen[comp, module]} and {key} adapt the same module")
+        seen[comp, module] = key
+        kernel = _get(params[comp]["params"], module)["kernel"]
+        a, b = _adapter(p["lora_down.weight"], p["lora_up.weight"], kernel.shape, f"{path}: {key}")
+        alpha = a.shape[-1]
+        if "alpha" in p:
+            value = np.asarray(p["alpha"], np.float64)
+            if value.size != 1 or not np.isfinite(value).all():
+                raise LoRAFileError(f"{path}: {key}.alpha must be one finite number, got {value.tolist()}")
+            alpha = float(value.reshape(()))
+        _add(weights, alphas, comp, module, a, b, alpha)
+    skipped += _unmapped(path, unmapped, strict, "name no layer of the model")
+    if not weights:
+        raise LoRAFileError(f"{path}: none of its keys adapts a layer of the model")
+    return LoRA(weights, alphas), skipped

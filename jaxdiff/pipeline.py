@@ -341,17 +341,18 @@ class Pipeline:
         return [getattr(self.condition, "stage", "condition")] + (["encoded image"] if with_image else []) \
             + (["samples"] if self.decode is None else ["latents", "decoded image"])
 
-    def load_lora(self, path, scale: float = 1.0) -> Pipeline:
-        """Apply a LoRA file (``jaxdiff.lora.save``'s, or one diffusers / peft wrote) at ``scale``; several add
-        up. Unfused, each call merges them into a copy of the parameters once, before the sampling loop;
-        ``fuse_lora`` merges them into the parameters for good, ``unfuse_lora`` undoes that and
-        ``unload_lora`` removes every LoRA. Returns the pipeline."""
+    def load_lora(self, path, scale: float = 1.0, *, strict: bool = True) -> Pipeline:
+        """Apply a LoRA file (``jaxdiff.lora.save``'s, one diffusers / peft wrote, or kohya's / A1111's
+        ``lora_unet_...`` layout, LoCon included) at ``scale``; several add up. ``strict=False``: keys that map to
+        no layer are skipped and listed in a warning rather than refused. Unfused, each call merges them into a
+        copy of the parameters once, before the sampling loop; ``fuse_lora`` merges them into the parameters for
+        good, ``unfuse_lora`` undoes that and ``unload_lora`` removes every LoRA. Returns the pipeline."""
         from jaxdiff import lora as loras
 
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        adapter = loras.load(path, self.params)
+        adapter = loras.load(path, self.params, strict=strict)
         self._loras.append((adapter, float(scale)))
         self._set_params({k: v for k, v in self.params.items() if k != "lora"})
         return self

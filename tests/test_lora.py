@@ -109,6 +109,8 @@ def test_bad_files_are_one_line(tmp_path):
     cases = {
         "missing": None,
         "kohya": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.zeros((4, 16), np.float32)},
+        "te_nowhere": {**tensors, "text_encoder.nowhere.lora_A.weight": np.zeros((4, 16), np.float32),
+                       "text_encoder.nowhere.lora_B.weight": np.zeros((16, 4), np.float32)},
         "unpaired": {k: v for k, v in tensors.items() if "lora_B" not in k},
         "elsewhere": {"unet.nowhere.to_q.lora_A.weight": np.zeros((4, 16), np.float32),
                       "unet.nowhere.to_q.lora_B.weight": np.zeros((16, 4), np.float32)},
@@ -118,8 +120,12 @@ def test_bad_files_are_one_line(tmp_path):
                   f"unet.{Q}.lora_B.weight": np.zeros((16, 4), np.float32)},
         "junk": {"unet.something.else": np.zeros(3, np.float32)},
     }
-    messages = {"missing": "no such LoRA file", "kohya": "kohya-style keys", "unpaired": "lora_A without its pair",
-                "elsewhere": "no Dense layer", "conv": "unet.conv_in, which this model has no Dense layer for",
+    messages = {"missing": "no such LoRA file", "kohya": "has lora_down without lora_up",
+                "te_nowhere": "text_encoder.nowhere, which this model has no Dense or Conv layer for",
+                "unpaired": "lora_A without its pair",
+                "elsewhere": "no Dense or Conv layer",
+                "conv": r"unet.conv_in: down \(4, 4\) and up \(16, 4\) are not \(r, in, kh, kw\) and \(out, r\) "
+                        r"for a 3x3",
                 "shape": r"maps 7 -> 16; the model's layer maps 16 -> 16",
                 "junk": "not LoRA weights"}
     for case, content in cases.items():
