@@ -222,9 +222,10 @@ class Pipeline:
 
         ``dtype`` is the compute dtype, float32, bfloat16 or float16 (not on the CPU: refused at load);
         parameters stay as stored. ``attention``: None or "xla" (XLA's), "cudnn" (the fused GPU kernel;
-        where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
-        diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
-        config. The folder is checked before and while its weights are read (configs that disagree,
+        where there is no cuDNN, XLA's, with a notice). The default sampler "auto" runs the folder's
+        scheduler class as diffusers would (50 steps unless told); samplers "ddim" and "dpm++" walk the
+        timesteps diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's
+        scheduler config. The folder is checked before and while its weights are read (configs that disagree,
         non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``."""
         from jaxdiff.pretrained import stable_diffusion
 
@@ -261,7 +262,11 @@ class Pipeline:
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
         ``jaxdiff.sampling.SAMPLERS``, or a function of one's own with the samplers' signature
-        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20);
+        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20); for a
+        pipeline read from a diffusers folder also "auto" (the default: the folder's scheduler class, as
+        diffusers runs it), an A1111 name ("PLMS", "UniPC", "DPM++ 2M", ...) or a diffusers walk's name
+        ("pndm", "unipc", ...; see ``jaxdiff.pretrained.walks``), whose steps default to diffusers' 50;
+        elsewhere "auto" is "dpm++". ``pipe.last_sampling`` then says what ran.
         ``steps`` (default the sampler's) and ``eta`` are checked only
         where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a

@@ -122,7 +122,8 @@ def test_sd_text2img_command(tmp_path, capsys):
           "--negative", "blurry", "--steps", "3", "--out", str(tmp_path), "--attention", "cudnn"])
     out, err = capsys.readouterr()
     assert "done: 4 images 32x32" in out and "per image" in out
-    assert "sampler ddim (asked 'auto'), 3 steps, 3 network evaluations at diffusers' timesteps 667 .. 1" in out
+    assert "sampler ddim (DDIMScheduler; asked 'auto'), 3 steps, 3 network evaluations at diffusers' timesteps " \
+           "667 .. 1\n" in out
     if jax.default_backend() != "gpu":  # README's attention="cudnn" runs everywhere: XLA's where no cuDNN
         assert "note: attention='cudnn' needs an NVIDIA GPU with cuDNN" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]

@@ -106,6 +106,14 @@ def test_the_runs_cover_what_the_issue_asks():
     assert EXPECTED["configs"]["sd21"]["prediction_type"] == "v_prediction"
 
 
+@pytest.mark.parametrize("cls,table", [("PNDMScheduler", scheduler.PNDM_DEFAULTS),
+                                       ("UniPCMultistepScheduler", scheduler.UNIPC_DEFAULTS)])
+def test_default_tables_are_diffusers_defaults(cls, table):
+    recorded = EXPECTED["defaults"][cls]
+    assert {k: v for k, v in table.items() if k in recorded} == {k: recorded[k] for k in table if k in recorded}
+    assert set(table) - set(recorded) <= {"thresholding", "rescale_betas_zero_snr", "disable_corrector"}
+
+
 def test_the_pndm_and_unipc_tables_hold_diffusers_orders():
     """PLMS: one extra evaluation (the first timestep twice), Adams-Bashforth weights summing to 1; UniPC:
     first order first and last (lower_order_final), second between."""

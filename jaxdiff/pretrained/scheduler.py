@@ -391,7 +391,7 @@ def sampler_setup(
     """
     name = _sampler_name(sampler)
     if name not in ("ddim", "dpm_solver_pp"):
-        raise SchedulerConfigError(f"{name} walks its own table, not one grid: see jaxdiff.pretrained.walks.plan")
+        raise SchedulerConfigError(f"{name} walks its own tables, not one grid: see jaxdiff.pretrained.walks.make_walk")
     settings = sampler_settings(config, name, **overrides)
     T = settings["num_train_timesteps"]
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:

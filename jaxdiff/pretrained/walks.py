@@ -74,9 +74,9 @@ def _settings_text(name: str, overrides: Mapping) -> str:
     return cls + "".join(f", {k}={v!r}" for k, v in overrides.items())
 
 
-# the walks registered elsewhere may not be here yet: their class, for messages and the table
-_CLASS_OF = {walk(dict(algorithm_type="sde-dpmsolver++")): cls for cls, walk in CLASSES.items()}
-_CLASS_OF.update({walk({}): cls for cls, walk in CLASSES.items()})
+# each walk's diffusers class, also for walks registered elsewhere and not here yet (messages, the table)
+_CLASS_OF = {walk(config): cls for config in ({}, {"algorithm_type": "sde-dpmsolver++"})
+             for cls, walk in CLASSES.items()}
 
 
 def markdown_table() -> str:
