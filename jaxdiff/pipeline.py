@@ -304,7 +304,8 @@ class Pipeline:
         config_clip = options.pop("clip_x0", self.clip_x0)
         clip_x0 = config_clip if isinstance(clip_x0, str) and clip_x0 == "auto" else clip_x0
         shape = self._shape(height, width)
-        grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else None
+        grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else getattr(
+            sampler, "grid", None)  # a diffusers walk has its own
         start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
         if start is not None:
             grid = tuple(grid[start:])
@@ -332,7 +333,7 @@ class Pipeline:
         """(sampler, steps, walk) to run: jaxdiff's own samplers and functions as given (walk None); any other
         name is a diffusers walk of a folder's scheduler ("auto" is "dpm++" where there is no folder). A DDIM or
         DPM-Solver++ walk without overrides runs as jaxdiff's "ddim" / "dpm++" on the folder's grid (the same
-        steps), which image-to-image takes."""
+        steps)."""
         if callable(sampler) or sampler in sampling.SAMPLERS:
             return sampler, steps, None
         if self.walk is None:  # an unknown name: sampling.get says so
@@ -340,9 +341,9 @@ class Pipeline:
         walk = self.walk(sampler, steps)
         if walk.sampler in ("ddim", "dpm_solver_pp") and not walk.overrides:
             return {"ddim": "ddim", "dpm_solver_pp": "dpm++"}[walk.sampler], walk.steps, walk
-        if image is not None:
-            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class}) is not "
-                             f"supported yet: pass sampler='ddim' or 'dpm++'")
+        if image is not None and not walk.noise_at_timestep:
+            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class} with Karras "
+                             f"sigmas) is not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
         return walk, walk.steps, walk
 
     def _stages(self, with_image: bool) -> list[str]:

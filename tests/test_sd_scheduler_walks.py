@@ -30,12 +30,13 @@ SD15 = EXPECTED["configs"]["sd15"]
 
 
 def run_id(r):
-    return f"{r['config']}-{r['sampler']}-{r['steps']}" + "".join(f"-{k}={v}" for k, v in r["overrides"].items())
+    return f"{r['config']}-{r['sampler']}-{r['steps']}" + "".join(f"-{k}={v}" for k, v in r["overrides"].items()) + (
+        f"-from-{r['start']}" if r["start"] else "")
 
 
 def plan_of(r):
     config = scheduler.read_scheduler_config(EXPECTED["configs"][r["config"]])
-    return walks._plan(config, r["sampler"], r["steps"], r["overrides"])
+    return walks._plan(config, r["sampler"], r["steps"], r["overrides"], r["start"])
 
 
 def padded(sampler, plan, n):
@@ -88,6 +89,7 @@ def trajectories():
 
 @pytest.mark.parametrize("r", RUNS, ids=run_id)
 def test_timesteps_and_trajectories_equal_diffusers(r, trajectories):
+    """Whole runs, and image-to-image's tails (diffusers' timesteps[start:], the warm-up again from there)."""
     _, plan = plan_of(r)
     assert plan["taus"].tolist() == r["timesteps"]
     want = np.asarray(r["trajectory"])
@@ -98,7 +100,8 @@ def test_timesteps_and_trajectories_equal_diffusers(r, trajectories):
 
 
 def test_the_runs_cover_what_the_issue_asks():
-    seen = {(r["config"], r["sampler"], r["steps"] <= 10, bool(r["overrides"].get("use_karras_sigmas"))) for r in RUNS}
+    seen = {(r["config"], r["sampler"], r["steps"] <= 10, bool(r["overrides"].get("use_karras_sigmas"))) for r in RUNS
+            if not r["start"]}
     for sampler in ("pndm", "unipc"):
         for config in ("sd15", "sd21"):
             assert (config, sampler, True, False) in seen or (config, sampler, True, True) in seen
@@ -165,6 +168,21 @@ def test_a1111_names():
         walks.make_walk(EXPECTED["configs"]["sd21"], "PLMS", 10))  # one compiled program per walk
 
 
+def test_a_walk_handed_the_end_of_its_grid_walks_diffusers_img2img_tail():
+    r = next(r for r in RUNS if r["sampler"] == "pndm" and r["start"] == 5)
+    w = walks.make_walk(EXPECTED["configs"][r["config"]], "pndm", r["steps"])
+    assert w.grid[5] - 1 == r["timesteps"][0] and len(w.grid) == r["steps"] + 2  # image noised to grid[start]
+    schedule = scheduler.schedule_from_config(SD15)
+    eps_fn = lambda x, t: _model_eps(x, schedule.alpha_bar(t)[:, None])
+    x = w(eps_fn, schedule, jnp.asarray(EXPECTED["x_T"], jnp.float32), timesteps=np.asarray(w.grid[5:]))
+    np.testing.assert_allclose(np.asarray(x), r["trajectory"][-1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="takes no clip_x0= and no timesteps= but the end of its own grid"):
+        w(eps_fn, schedule, jnp.zeros((1, 3)), timesteps=np.asarray([501, 301, 0]))
+    karras = walks.make_walk(
+        {**SD15, "_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "auto", 10)
+    assert not karras.noise_at_timestep and w.noise_at_timestep
+
+
 def test_the_readme_table_is_the_code_table():
     text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     found = re.search(r"<!-- sampler-names -->\n(.*?)\n<!-- /sampler-names -->", text, re.S)
@@ -191,9 +209,6 @@ def test_the_default_call_is_diffusers_default_call():
         "pndm", "auto", "PNDMScheduler", 50)
     assert str(ref["scheduler"]) == "PNDMScheduler" and used["timesteps"] == ref["timesteps"].tolist()
     assert used["evaluations"] == 51 and "981 .. 1" in used["line"]
-    with pytest.raises(ValueError, match="image-to-image with sampler 'auto' .diffusers' PNDMScheduler. is not "
-                                         "supported yet: pass sampler='ddim' or 'dpm..'"):
-        pipe(["a cat"], image=np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="sampler 'UniPC' walks diffusers' UniPCMultistepScheduler"):
         pipe(["a cat"], sampler="UniPC", steps=2, clip_x0=1.0)
 

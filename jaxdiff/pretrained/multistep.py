@@ -64,8 +64,10 @@ def pndm_taus(settings: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(prk[:-1], 2)[1:-1][::-1], ts[:-3][::-1]
 
 
-def pndm_plan(settings: dict, steps: int) -> dict:
+def pndm_plan(settings: dict, steps: int, start: int = 0) -> dict:
     """Per-evaluation tables of ``PNDMScheduler`` (``step_prk`` then ``step_plms``) at ``steps`` steps.
+    ``start``: image-to-image, diffusers' ``timesteps[start:]`` walked by a scheduler whose counter starts
+    at 0 there (so the warm-up runs again on the tail, as diffusers' img2img pipeline does).
 
     Each evaluation j sees the network at ``t[j]`` and moves a source sample (the current one, or the
     one saved at the start of a Runge-Kutta group / the first PLMS step) from ``t_src`` to ``t_dst`` by
@@ -73,7 +75,7 @@ def pndm_plan(settings: dict, steps: int) -> dict:
     ones, acc the Runge-Kutta accumulator."""
     T = settings["num_train_timesteps"]
     prk, plms = pndm_taus(settings, steps)
-    taus = np.concatenate([prk, plms]).astype(np.int64)
+    taus = np.concatenate([prk, plms]).astype(np.int64)[start:]
     final = -1 if settings["set_alpha_to_one"] else 0  # jaxdiff's t of diffusers' final_alpha_cumprod, less one
     rows = {k: [] for k in ("t", "t_src", "t_dst", "w", "acc_keep", "acc_add", "push", "save", "use_saved")}
     ets = 0  # how many outputs diffusers' ets list holds (only the last 4 are read)
@@ -188,14 +190,15 @@ def _sigma_to_tau(sigma: float, log_sig: np.ndarray) -> float:
     return (1 - w) * low + w * (low + 1)
 
 
-def unipc_plan(settings: dict, abar: np.ndarray, steps: int) -> dict:
+def unipc_plan(settings: dict, abar: np.ndarray, steps: int, start: int = 0) -> dict:
     """Per-step tables of ``UniPCMultistepScheduler`` (predict_x0, B(h) = "bh1" or "bh2") at ``steps`` steps.
 
     ``abar``: the training alphas_cumprod, indexed by diffusers' tau. Step i evaluates the network at
     ``t[i]``, turns it into the data prediction m_i with the step's (alpha, sigma), corrects the sample
     (UniC, order of the previous predictor) unless i = 0 or corrector i - 1 is disabled, and predicts
     the next one (UniP): x' = pA x + pB m_i + sum_k pC_k (m_{i-k} - m_i); the corrector reads
-    cA x_prev + cB m_{i-1} + sum_k cC_k (m_{i-1-k} - m_{i-1}) + cD (m_i - m_{i-1})."""
+    cA x_prev + cB m_{i-1} + sum_k cC_k (m_{i-1-k} - m_{i-1}) + cD (m_i - m_{i-1}). ``start``: image-to-image,
+    the steps from ``start`` on, the order warm-up starting again there (diffusers' ``set_begin_index``)."""
     K = settings["solver_order"]
     if settings["use_karras_sigmas"]:
         taus, sig = karras_sigmas(settings, abar, steps)
@@ -232,12 +235,12 @@ def unipc_plan(settings: dict, abar: np.ndarray, steps: int) -> dict:
             rhos = [0.5] if order == 1 else np.linalg.solve(R, b)
         return h_phi_1, b_h, np.asarray(rhos, np.float64)
 
-    orders = [min(min(K, n - i) if settings["lower_order_final"] else K, min(i, K) + 1) for i in range(n)]
+    orders = [min(min(K, n - i) if settings["lower_order_final"] else K, min(i - start, K) + 1) for i in range(n)]
     disabled = set(settings["disable_corrector"])
     tab = {k: np.zeros(n) for k in ("pA", "pB", "cA", "cB", "cD", "use_c")}
     tab["pC"], tab["cC"] = np.zeros((n, max(K - 1, 1))), np.zeros((n, max(K - 1, 1)))
     with np.errstate(all="ignore"):
-        for i in range(n):
+        for i in range(start, n):
             p = orders[i]
             h = lam[i + 1] - lam[i]
             rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)] + [1.0]
@@ -246,7 +249,7 @@ def unipc_plan(settings: dict, abar: np.ndarray, steps: int) -> dict:
             tab["pB"][i] = -alpha[i + 1] * h_phi_1
             for k in range(1, p):
                 tab["pC"][i, k - 1] = -alpha[i + 1] * b_h * rhos[k - 1] / rks[k - 1]
-            if i > 0 and (i - 1) not in disabled:
+            if i > start and (i - 1) not in disabled:
                 q = orders[i - 1]
                 h = lam[i] - lam[i - 1]
                 rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, q)] + [1.0]
@@ -263,7 +266,7 @@ def unipc_plan(settings: dict, abar: np.ndarray, steps: int) -> dict:
                                    f"({', '.join(bad)}); diffusers' own run is not finite either; use "
                                    f"lower_order_final=True or final_sigmas_type='sigma_min'")
     tab.update(t=taus + 1, taus=taus, alpha=alpha[:-1], sigma=sigma[:-1], orders=np.asarray(orders))
-    return tab
+    return {k: v[start:] for k, v in tab.items()}
 
 
 def unipc_walk(eps_fn, schedule, x_T, plan: dict, *, prediction: str = "epsilon", return_trajectory: bool = False):

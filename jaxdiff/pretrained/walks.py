@@ -127,10 +127,10 @@ def _abar(settings: dict) -> np.ndarray:
 
 
 def _grid_plan(name):
-    def plan(settings, steps, config, overrides):
+    def plan(settings, steps, config, overrides, start):
         setup = scheduler.sampler_setup(config, steps, name, **overrides)
-        return {"timesteps": setup.timesteps, "taus": setup.timesteps[:-1] - 1, "clip_x0": setup.clip_x0,
-                "final_first_order": setup.final_first_order}
+        return {"timesteps": setup.timesteps[start:], "taus": setup.timesteps[start:-1] - 1,
+                "clip_x0": setup.clip_x0, "final_first_order": setup.final_first_order}
     return plan
 
 
@@ -143,14 +143,14 @@ def _run_dpm(eps_fn, schedule, x_T, plan, *, key, prediction):
                                   final_first_order=plan["final_first_order"])
 
 
-# walk -> (plan(settings, steps, config, overrides) -> tables with "taus", run(eps_fn, schedule, x_T, plan, *, key,
-# prediction) -> x0)
+# walk -> (plan(settings, steps, config, overrides, start) -> tables with "taus" (diffusers' timesteps from
+# index start on: image-to-image), run(eps_fn, schedule, x_T, plan, *, key, prediction) -> x0)
 RUNNERS = {
     "ddim": (_grid_plan("ddim"), _run_ddim),
     "dpm_solver_pp": (_grid_plan("dpm_solver_pp"), _run_dpm),
-    "pndm": (lambda s, n, c, o: multistep.pndm_plan(s, n),
+    "pndm": (lambda s, n, c, o, start: multistep.pndm_plan(s, n, start),
              lambda e, sc, x, p, *, key, prediction: multistep.pndm_walk(e, sc, x, p, prediction=prediction)),
-    "unipc": (lambda s, n, c, o: multistep.unipc_plan(s, _abar(s), n),
+    "unipc": (lambda s, n, c, o, start: multistep.unipc_plan(s, _abar(s), n, start),
               lambda e, sc, x, p, *, key, prediction: multistep.unipc_walk(e, sc, x, p, prediction=prediction)),
 }
 
@@ -165,7 +165,10 @@ class Walk:
 
     ``sampler``: the jaxdiff walk; ``asked``: the name the caller gave; ``scheduler_class`` and
     ``overrides``: diffusers' ``scheduler_class.from_config(config, **overrides)``; ``taus``: diffusers'
-    timesteps, the network evaluated once at each (jaxdiff's t = tau + 1)."""
+    timesteps, the network evaluated once at each (jaxdiff's t = tau + 1). ``grid``: those t and an endpoint;
+    handed a tail of it (``timesteps=grid[k:]``), the walk does what diffusers' image-to-image pipeline
+    does from index k, which the pipeline noises the image to (``noise_at_timestep``: whether diffusers
+    noises it to that timestep's abar; not so under Karras sigmas, which UniPC noises by its own sigma)."""
 
     sampler: str
     asked: str
@@ -174,6 +177,7 @@ class Walk:
     steps: int
     taus: tuple
     config: str = dataclasses.field(repr=False)
+    noise_at_timestep: bool = True
 
     @property
     def __name__(self) -> str:  # what the pipeline calls a sampler function
@@ -183,16 +187,20 @@ class Walk:
     def nfe(self) -> int:
         return len(self.taus)
 
-    def plan(self) -> dict:
-        config = json.loads(self.config)
-        return _plan(config, self.sampler, self.steps, dict(self.overrides))[1]
+    @property
+    def grid(self) -> tuple:
+        return (*(t + 1 for t in self.taus), 0)
+
+    def plan(self, start: int = 0) -> dict:
+        return _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)[1]
 
     def __call__(self, eps_fn, schedule, x_T, *, key=None, steps=None, timesteps=None, clip_x0=None):
-        if timesteps is not None or clip_x0 is not None:
+        start = 0 if timesteps is None else len(self.grid) - len(timesteps)
+        if clip_x0 is not None or (timesteps is not None and (
+                start < 0 or tuple(int(t) for t in np.asarray(timesteps)) != self.grid[start:])):
             raise ValueError(f"sampler {self.asked!r} walks diffusers' {self.scheduler_class} timesteps and settings; "
-                             f"it takes no timesteps= or clip_x0=")
-        config = json.loads(self.config)
-        settings, plan = _plan(config, self.sampler, self.steps, dict(self.overrides))
+                             f"it takes no clip_x0= and no timesteps= but the end of its own grid")
+        settings, plan = _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)
         return RUNNERS[self.sampler][1](eps_fn, schedule, x_T, plan, key=key, prediction=settings["prediction_type"])
 
     def report(self) -> dict:
@@ -205,12 +213,12 @@ class Walk:
                 "timesteps": list(self.taus), "line": line}
 
 
-def _plan(config: dict, name: str, steps: int, overrides: dict) -> tuple[dict, dict]:
+def _plan(config: dict, name: str, steps: int, overrides: dict, start: int = 0) -> tuple[dict, dict]:
     settings = scheduler.sampler_settings(config, name, **overrides)
     if name == "pndm" and settings["prediction_type"] not in multistep.PREDICTIONS:
         raise SchedulerConfigError(f"PNDM takes prediction_type 'epsilon' or 'v_prediction', got "
                                    f"{settings['prediction_type']!r}")
-    return settings, RUNNERS[name][0](settings, steps, config, overrides)
+    return settings, RUNNERS[name][0](settings, steps, config, overrides, start)
 
 
 def make_walk(config: Mapping, sampler: str, steps: int | None = None) -> Walk:
@@ -221,6 +229,7 @@ def make_walk(config: Mapping, sampler: str, steps: int | None = None) -> Walk:
     if steps > T:
         raise SchedulerConfigError(f"steps must be at most num_train_timesteps={T}, got {steps}")
     name, overrides = resolve(config, sampler)
-    _, plan = _plan(config, name, steps, overrides)
+    settings, plan = _plan(config, name, steps, overrides)
     return Walk(name, sampler, scheduler.SAMPLERS[name][0], tuple((k, _hashable(v)) for k, v in overrides.items()),
-                steps, tuple(int(t) for t in plan["taus"]), json.dumps(config, sort_keys=True))
+                steps, tuple(int(t) for t in plan["taus"]), json.dumps(config, sort_keys=True),
+                noise_at_timestep=not (name == "unipc" and settings["use_karras_sigmas"]))
