@@ -152,6 +152,12 @@ def test_auto_maps_each_diffusers_class():
         walks.resolve({**SD15, "_class_name": "KDPM2DiscreteScheduler"}, "auto")
 
 
+@pytest.mark.parametrize("steps", [1, 2, 7, 20])
+def test_the_table_s_evaluation_counts_are_the_walks(steps):
+    for name in walks.RUNNERS:
+        assert walks.make_walk(SD15, name, steps).nfe == walks.NFE[name][1](steps), name
+
+
 def test_a1111_names():
     assert walks.resolve(SD15, "PLMS") == ("pndm", {"skip_prk_steps": True})
     assert walks.resolve(SD15, "UniPC") == ("unipc", {})

@@ -91,7 +91,7 @@ def markdown_table() -> str:
 
 def supported() -> list[str]:
     """The names that resolve to a walk this jaxdiff has."""
-    return ["auto", *[a for a, (n, _) in A1111.items() if n in RUNNERS], *[n for n in RUNNERS]]
+    return ["auto", *[a for a, (n, _) in A1111.items() if n in RUNNERS], *RUNNERS]
 
 
 def resolve(config: Mapping, sampler: str) -> tuple[str, dict]:
