@@ -24,6 +24,7 @@ from experiments import common
 from experiments.png import grid, write_png
 from jaxdiff import sampling
 from jaxdiff.pipeline import Pipeline
+from jaxdiff.pretrained import walks
 
 
 def read_image(path) -> np.ndarray:
@@ -47,8 +48,12 @@ def main(argv=None):
     p.add_argument("--negative", default=None, help="what to steer away from (default: the empty prompt)")
     p.add_argument("--per-prompt", type=common.positive_int, default=1, help="images per prompt")
     p.add_argument("--gamma", type=common.finite_float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--sampler", choices=tuple(sampling.SAMPLERS), default="dpm++")
-    p.add_argument("--steps", type=common.positive_int, default=25, help="sampler steps")
+    p.add_argument("--sampler", choices=(*walks.supported(), *sampling.SAMPLERS), default="auto", metavar="NAME",
+                   help="auto (the folder's scheduler, as diffusers runs it), an A1111 name such as 'DPM++ 2M' or "
+                        "'PLMS', a diffusers walk (pndm, unipc, ...), or one of jaxdiff's own samplers "
+                        f"({', '.join(sampling.SAMPLERS)}); default auto")
+    p.add_argument("--steps", type=common.positive_int, default=None,
+                   help="sampler steps (default: diffusers' 50 for auto and the diffusers walks, else the sampler's)")
     p.add_argument("--seed", type=common.seed_int, default=0)
     p.add_argument("--height", type=common.positive_int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=common.positive_int, default=None, help="image width (default: the model's)")
@@ -81,6 +86,8 @@ def run(args, out):
     t0 = time.perf_counter()
     images = np.asarray(pipe(prompts, args.negative, **kwargs))
     first = time.perf_counter() - t0
+    used = pipe.last_sampling
+    print(used["line"])
     per_image = float("nan")
     if args.repeats > 0:
         t0 = time.perf_counter()
@@ -91,7 +98,7 @@ def run(args, out):
         write_png(out / f"{i:03d}.png", img)
     write_png(out / "grid.png", grid(images.reshape(len(args.prompt), args.per_prompt, *images.shape[1:])))
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    print(f"done: {len(images)} images {images.shape[1]}x{images.shape[2]}, {args.sampler} {args.steps} steps, "
+    print(f"done: {len(images)} images {images.shape[1]}x{images.shape[2]}, {used['sampler']} {used['steps']} steps, "
           f"gamma {args.gamma:g}; first call {first:.1f}s (compile included), {per_image:.3f}s per image after it "
           f"({device}, {jnp.dtype(dtype).name}); outputs in {out}")
 

@@ -133,7 +133,7 @@ class Pipeline:
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
                  classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
-                 encode=None, grid=None, sampler_options=None):
+                 encode=None, grid=None, sampler_options=None, walk=None):
         self.eps_model, self.params, self.schedule, self.condition = eps_model, params, schedule, condition
         self.sample_shape, self.decode, self.spec = tuple(sample_shape), decode, spec
         self.classifier, self.default_gamma, self.clip_x0 = classifier, default_gamma, clip_x0
@@ -143,6 +143,9 @@ class Pipeline:
         # sampler_options(sampler, steps) -> the settings besides the grid that reproduce a scheduler
         # config (DDIM's clip_x0, DPM-Solver++'s final_first_order); an explicit clip_x0 overrides its
         self.sampler_options = sampler_options
+        # walk(sampler, steps) -> the diffusers walk a name ("auto", "DPM++ 2M Karras", "pndm") means (a sampler
+        # function), for a pipeline read from a diffusers folder; last_sampling: what the last call ran
+        self.walk, self.last_sampling = walk, None
         # the U-Net's compute dtype: its float32 parameters are cast once per call, before the sampling
         # loop, rather than by every layer at every step (XLA left those casts in the loop)
         self.compute_dtype = None
@@ -219,9 +222,10 @@ class Pipeline:
 
         ``dtype`` is the compute dtype, float32, bfloat16 or float16 (not on the CPU: refused at load);
         parameters stay as stored. ``attention``: None or "xla" (XLA's), "cudnn" (the fused GPU kernel;
-        where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
-        diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
-        config. The folder is checked before and while its weights are read (configs that disagree,
+        where there is no cuDNN, XLA's, with a notice). The default sampler "auto" runs the folder's
+        scheduler class as diffusers would (50 steps unless told); samplers "ddim" and "dpm++" walk the
+        timesteps diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's
+        scheduler config. The folder is checked before and while its weights are read (configs that disagree,
         non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``.
         A path ending in ``.safetensors`` is one file in the original layout: see ``from_single_file``."""
         from jaxdiff.pretrained import stable_diffusion
@@ -254,7 +258,7 @@ class Pipeline:
         return cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
-                   sampler_options=sd.sampler_options)
+                   sampler_options=sd.sampler_options, walk=sd.walk)
 
     @classmethod
     def _text_from_run(cls, root: epath.Path, dtype) -> Pipeline:
@@ -270,7 +274,7 @@ class Pipeline:
         """uint8 images, one per entry of ``condition``; the settings are ``sample``'s."""
         return to_uint8(self.sample(condition, negative, **kwargs))
 
-    def sample(self, condition, negative=None, *, gamma=None, sampler: str = "dpm++", steps: int | None = None,
+    def sample(self, condition, negative=None, *, gamma=None, sampler: str = "auto", steps: int | None = None,
                seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
                width: int | None = None, latents=None, image=None, strength: float | None = None) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
@@ -278,7 +282,11 @@ class Pipeline:
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
         ``jaxdiff.sampling.SAMPLERS``, or a function of one's own with the samplers' signature
-        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20);
+        ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20); for a
+        pipeline read from a diffusers folder also "auto" (the default: the folder's scheduler class, as
+        diffusers runs it), an A1111 name ("PLMS", "UniPC", "DPM++ 2M", ...) or a diffusers walk's name
+        ("pndm", "unipc", ...; see ``jaxdiff.pretrained.walks``), whose steps default to diffusers' 50;
+        elsewhere "auto" is "dpm++". ``pipe.last_sampling`` then says what ran.
         ``steps`` (default the sampler's) and ``eta`` are checked only
         where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
@@ -290,6 +298,8 @@ class Pipeline:
         Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
         or inf: the condition's states, the latents or samples, the decoded image.
         """
+        asked = sampler
+        sampler, steps, walk = self._resolve(sampler, steps, image)
         # a sampler of one's own: any function with the samplers' keyword signature (key, steps,
         # timesteps, clip_x0), e.g. a step function run by sampling.sample_loop
         info = sampling.get(sampler) if not callable(sampler) else sampling.SamplerInfo(
@@ -314,7 +324,8 @@ class Pipeline:
         config_clip = options.pop("clip_x0", self.clip_x0)
         clip_x0 = config_clip if isinstance(clip_x0, str) and clip_x0 == "auto" else clip_x0
         shape = self._shape(height, width)
-        grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else None
+        grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else getattr(
+            sampler, "grid", None)  # a diffusers walk has its own
         start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
         if start is not None:
             grid = tuple(grid[start:])
@@ -326,6 +337,8 @@ class Pipeline:
             if bad:
                 raise ValueError(f"latents holds {bad} non-finite values (NaN or inf) of {latents.size}: the starting "
                                  f"noise must be finite")
+        self.last_sampling = walk.report() if walk is not None and image is None else _report(asked, info.name, steps,
+                                                                                               grid)
         sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())))
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
@@ -335,6 +348,23 @@ class Pipeline:
         if not finite.all():
             raise NonFiniteSample(self._stages(image is not None)[int(np.argmin(finite))])
         return out
+
+    def _resolve(self, sampler, steps, image):
+        """(sampler, steps, walk) to run: jaxdiff's own samplers and functions as given (walk None); any other
+        name is a diffusers walk of a folder's scheduler ("auto" is "dpm++" where there is no folder). A DDIM or
+        DPM-Solver++ walk without overrides runs as jaxdiff's "ddim" / "dpm++" on the folder's grid (the same
+        steps)."""
+        if callable(sampler) or sampler in sampling.SAMPLERS:
+            return sampler, steps, None
+        if self.walk is None:  # an unknown name: sampling.get says so
+            return ("dpm++", steps, None) if sampler == "auto" else (sampler, steps, None)
+        walk = self.walk(sampler, steps)
+        if walk.sampler in ("ddim", "dpm_solver_pp") and not walk.overrides:
+            return {"ddim": "ddim", "dpm_solver_pp": "dpm++"}[walk.sampler], walk.steps, walk
+        if image is not None and not walk.noise_at_timestep:
+            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class} with Karras "
+                             f"sigmas) is not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
+        return walk, walk.steps, walk
 
     def _stages(self, with_image: bool) -> list[str]:
         """The stages ``_generate`` checks for NaN and inf, in the order it computes them."""
@@ -483,6 +513,18 @@ class Pipeline:
 
 
 _GRID_SAMPLERS = ("ddim", "dpm++")
+
+
+def _report(asked, sampler: str, steps, grid) -> dict:
+    """What a call of one of jaxdiff's own samplers ran (``Walk.report``'s keys); timesteps are diffusers' (t - 1)
+    where the grid came from a scheduler config, else None (the sampler's own grid)."""
+    taus = None if grid is None else [int(t) - 1 for t in grid[:-1]]
+    line = f"sampler {sampler}" + (f" (asked {asked!r})" if asked != sampler else "") + f", {steps} steps"
+    if taus is not None:
+        line += f", {len(taus)} network evaluations at diffusers' timesteps {taus[0]} .. {taus[-1]}"
+    return {"sampler": sampler, "asked": asked if isinstance(asked, str) else sampler, "scheduler_class": None,
+            "overrides": {}, "steps": steps, "evaluations": None if taus is None else len(taus), "timesteps": taus,
+            "line": line}
 
 
 def _cast_once(pipe: Pipeline, module) -> Pipeline:

@@ -51,9 +51,14 @@ def test_v_prediction_is_read_from_the_scheduler_config():
 
 
 def test_uint8_rgb_of_any_multiple_of_the_latent_factor_and_seeds(loaded):
-    _, pipe, _ = loaded
+    name, pipe, _ = loaded
     a = pipe(["a cat"], steps=3, height=16, width=24, seed=1)
     assert a.shape == (1, 16, 24, 3) and a.dtype == np.uint8
+    # sampler="auto": the folder's scheduler class, and the call says what it ran (diffusers' timesteps)
+    used = pipe.last_sampling
+    assert (used["sampler"], used["scheduler_class"], used["steps"]) == (
+        ("pndm", "PNDMScheduler", 3) if name == "sd1pipe" else ("ddim", "DDIMScheduler", 3))
+    assert used["timesteps"] == ([667, 334, 334, 1] if name == "sd1pipe" else [667, 334, 1])
     both = pipe(["a cat", "a dog"], steps=3, height=16, width=24, seed=1)
     np.testing.assert_array_equal(both[:1], a)  # image i depends on (seed, i) alone
     for kwargs, msg in [({"height": 17}, "height must be a positive multiple of 2"), ({"width": 0}, "width"),
@@ -117,6 +122,8 @@ def test_sd_text2img_command(tmp_path, capsys):
           "--negative", "blurry", "--steps", "3", "--out", str(tmp_path), "--attention", "cudnn"])
     out, err = capsys.readouterr()
     assert "done: 4 images 32x32" in out and "per image" in out
+    assert "sampler ddim (DDIMScheduler; asked 'auto'), 3 steps, 3 network evaluations at diffusers' timesteps " \
+           "667 .. 1\n" in out
     if jax.default_backend() != "gpu":  # README's attention="cudnn" runs everywhere: XLA's where no cuDNN
         assert "note: attention='cudnn' needs an NVIDIA GPU with cuDNN" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]

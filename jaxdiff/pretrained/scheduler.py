@@ -84,10 +84,38 @@ DPM_DEFAULTS = {
     "steps_offset": 0,
     "use_dynamic_shifting": False,
 }
+PNDM_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "skip_prk_steps": False,
+    "set_alpha_to_one": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+}
+UNIPC_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "solver_order": 2,
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "disable_corrector": [],
+    "solver_p": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "final_sigmas_type": "zero",
+    "sigma_min": None,
+    "sigma_max": None,
+}
 # jaxdiff sampler name -> (the diffusers class it reproduces, that class's defaults)
 SAMPLERS = {
     "ddim": ("DDIMScheduler", DDIM_DEFAULTS),
     "dpm_solver_pp": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
+    "pndm": ("PNDMScheduler", PNDM_DEFAULTS),
+    "unipc": ("UniPCMultistepScheduler", UNIPC_DEFAULTS),
 }
 _ALIASES = {cls: name for name, (cls, _) in SAMPLERS.items()}
 
@@ -143,6 +171,10 @@ _TYPES = {
     "euler_at_final": _BOOL, "use_karras_sigmas": _BOOL, "use_exponential_sigmas": _BOOL, "use_beta_sigmas": _BOOL,
     "use_lu_lambdas": _BOOL, "use_flow_sigmas": _BOOL, "final_sigmas_type": _STR, "lambda_min_clipped": _REAL,
     "variance_type": (lambda v: v is None or isinstance(v, str), "null or a string"), "use_dynamic_shifting": _BOOL,
+    "skip_prk_steps": _BOOL, "predict_x0": _BOOL,
+    "disable_corrector": (lambda v: isinstance(v, (list, tuple)) and all(_INT[0](i) for i in v), "a list of integers"),
+    "sigma_min": (lambda v: v is None or _REAL[0](v), "null or a number"),
+    "sigma_max": (lambda v: v is None or _REAL[0](v), "null or a number"),
 }
 _warned: set[str] = set()
 
@@ -286,7 +318,24 @@ def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overri
         raise SchedulerConfigError("thresholding=True (dynamic thresholding of x0) is not supported")
     if name == "dpm_solver_pp":
         _check_dpm(settings)
+    if name == "unipc":
+        _check_unipc(settings)
     return settings
+
+
+def _check_unipc(s: dict) -> None:
+    want = {"predict_x0": True, "solver_p": None, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+            "use_flow_sigmas": False, "use_dynamic_shifting": False}
+    for key, value in want.items():
+        if s[key] != value:
+            raise SchedulerConfigError(f"UniPC setting {key}={s[key]!r} is not supported (jaxdiff's unipc needs "
+                                       f"{key}={value!r})")
+    if s["solver_type"] not in ("bh1", "bh2"):
+        raise SchedulerConfigError(f"UniPC solver_type must be 'bh1' or 'bh2', got {s['solver_type']!r}")
+    if not 1 <= s["solver_order"] <= 3:
+        raise SchedulerConfigError(f"UniPC solver_order must be 1, 2 or 3, got {s['solver_order']!r}")
+    if s["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
 
 
 def _check_dpm(s: dict) -> None:
@@ -341,6 +390,8 @@ def sampler_setup(
     the network and returns the sample unchanged) is dropped.
     """
     name = _sampler_name(sampler)
+    if name not in ("ddim", "dpm_solver_pp"):
+        raise SchedulerConfigError(f"{name} walks its own tables, not one grid: see jaxdiff.pretrained.walks.make_walk")
     settings = sampler_settings(config, name, **overrides)
     T = settings["num_train_timesteps"]
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:

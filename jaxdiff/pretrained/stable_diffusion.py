@@ -21,8 +21,9 @@ import numpy as np
 from jaxdiff import conditions, specs
 from jaxdiff.parametrization import eps_from_v
 from jaxdiff.pretrained import folder as folders
-from jaxdiff.pretrained import save, scheduler, weights
+from jaxdiff.pretrained import save, scheduler, walks, weights
 from jaxdiff.pretrained import tokenizer as tokenizers
+from jaxdiff.sampling import check_steps
 
 # jaxdiff's sampler names -> the diffusers scheduler whose timestep grid they take
 DIFFUSERS_SAMPLERS = {"ddim": "ddim", "dpm++": "dpm_solver_pp"}
@@ -109,6 +110,11 @@ class StableDiffusion:
         if sampler not in DIFFUSERS_SAMPLERS:
             return None
         return _setup(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)[0]
+
+    def walk(self, sampler: str, steps: int | None = None):
+        """The diffusers walk (``jaxdiff.pretrained.walks.Walk``) that ``sampler`` ("auto", an A1111 name, or
+        a walk's name) means for this folder's scheduler config, at ``steps`` (default diffusers' 50)."""
+        return _walk(_frozen(self.scheduler_config), sampler, None if steps is None else check_steps(steps))
 
     def sampler_options(self, sampler: str, steps: int) -> dict:
         """The settings besides the grid with which jaxdiff's ``sampler`` reproduces diffusers' run
@@ -206,6 +212,11 @@ def _setup(config_json: str, sampler: str, steps: int) -> tuple:
         print(f"warning: {err}; using the listed timesteps, which differs from diffusers here", file=sys.stderr)
         setup = scheduler.sampler_setup(config, steps, sampler, strict=False)
     return tuple(int(t) for t in setup.timesteps), setup.clip_x0, setup.final_first_order
+
+
+@lru_cache(maxsize=64)
+def _walk(config_json: str, sampler: str, steps: int | None):
+    return walks.make_walk(json.loads(config_json), sampler, steps)
 
 
 def load(model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
