@@ -150,9 +150,9 @@ def test_configs_that_do_not_fit_are_refused_before_any_weight_is_read(tmp_path)
             t["id"] = 5000 if t["content"] == "<|endoftext|>" else t["id"]
 
     for path, change, msg in [
-        (unet, lambda d: d.update(in_channels=9), r"unet/config.json: in_channels 9 is an inpainting U-Net \(9 = 4 "
-                                                  r"latent \+ 1 mask \+ 4 masked-image channels\); jaxdiff's "
-                                                  r"text-to-image pipeline needs in_channels 4"),
+        (unet, lambda d: d.update(in_channels=7), r"unet/config.json: in_channels 7 fits neither text-to-image \(4, "
+                                                  r"the autoencoder's latent_channels\) nor inpainting \(9 = 4 latent "
+                                                  r"\+ 1 mask \+ 4 masked-image channels\)"),
         (unet, lambda d: d.update(sample_size=0), r"unet/config.json: sample_size must be a positive integer"),
         (tok, eos_5000, r"tokenizer: eos_token '<\|endoftext\|>' has id 5000, outside \S+text_encoder/config.json's "
                         r"vocab_size 1000"),
