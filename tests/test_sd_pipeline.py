@@ -47,7 +47,8 @@ def test_the_whole_pipeline_equals_diffusers(loaded, sampler):
 
 def test_v_prediction_is_read_from_the_scheduler_config():
     assert Pipeline.from_pretrained(folder("sd2pipe")).eps_model.__self__.prediction == "v_prediction"
-    assert Pipeline.from_pretrained(folder("sd1pipe")).eps_model.__self__.prediction == "epsilon"
+    sd1 = Pipeline.from_pretrained(folder("sd1pipe"))
+    assert sd1.eps_model.__self__.prediction == "epsilon" and not sd1.inpainting  # in_channels 4: text-to-image
 
 
 def test_uint8_rgb_of_any_multiple_of_the_latent_factor_and_seeds(loaded):
