@@ -238,7 +238,7 @@ class Pipeline:
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
                    sampler_options=sd.sampler_options)
-        pipe.inpainting = sd.inpainting
+        pipe.inpainting = getattr(sd, "inpainting", False)
         return pipe
 
     @classmethod
