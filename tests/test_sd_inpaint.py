@@ -153,3 +153,15 @@ def test_sd_text2img_inpaints_and_a_bad_mask_is_one_line_exit_2(loaded, tmp_path
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert code.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: mask must be uint8 of shape")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_saved_inpainting_model_says_so(loaded, tmp_path):
+    """diffusers picks the pipeline class from model_index.json: an inpainting U-Net saved under
+    StableDiffusionPipeline would load and then fail at its first call."""
+    import json
+
+    pipe, _ = loaded
+    pipe.eps_model.__self__.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert json.loads((tmp_path / "saved" / "unet" / "config.json").read_text())["in_channels"] == 9
