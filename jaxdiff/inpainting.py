@@ -6,6 +6,9 @@ The mask (uint8, white = repaint) is binarised at 0.5 (byte values 128..255 repa
 then taken to the latent size by nearest neighbour as torch's ``interpolate`` does it (latent pixel (i, j) is
 image pixel (f i, f j) for the autoencoder's factor f). The masked image is the image in [-1, 1] times
 (mask < 0.5): the repainted region becomes 0, mid-grey.
+
+A U-Net of C input channels gets diffusers' other way instead (``keep_known``): after every step the region
+outside the mask is replaced by the image's latents noised to the next timestep.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.schedules import add_noise
 
 
 def check_mask(mask, n: int, height: int, width: int) -> np.ndarray:
@@ -45,3 +50,18 @@ def unet_input(z, extra):
     rows is repeated k times (the doubled batch of classifier-free guidance)."""
     reps = z.shape[0] // extra.shape[0]
     return jnp.concatenate([z, jnp.tile(extra, (reps, 1, 1, 1)).astype(z.dtype)], axis=-1)
+
+
+def keep_known(schedule, known, noise, latent_mask, grid):
+    """For a U-Net that reads the latents alone (diffusers' inpainting pipeline given a text-to-image U-Net):
+    a sampler's ``after_step(x, i)`` that puts the known region (outside the mask) back after step i, as the
+    known latents noised to ``grid[i + 1]`` with the starting ``noise``, and clean after the last step."""
+    following = jnp.asarray(np.asarray(grid[1:], np.int32))
+    last = len(grid) - 2
+
+    def after_step(x, i):
+        t = jnp.full((x.shape[0],), jnp.maximum(following[i], 1))  # the endpoint (0 or 1) takes the clean latents
+        reference = jnp.where(i == last, known, add_noise(schedule, known, t, noise))
+        return (1 - latent_mask) * reference + latent_mask * x
+
+    return after_step

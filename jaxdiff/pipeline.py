@@ -308,8 +308,9 @@ class Pipeline:
         if mask is not None or self.inpainting:
             strength = self._check_inpaint(image, mask, strength)
         start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
-        if mask is not None:
+        if mask is not None:  # an inpainting U-Net reads the masked image, another gets the image's known region back
             inpaint = inpainting.host_inputs(inpainting.check_mask(mask, *image.shape[:3]), image, self.latent_size[0])
+            inpaint = inpaint if self.inpainting else (inpaint[0], image)
             if _real(strength) == 1:  # diffusers' inpainting starts from pure noise, not the noised image
                 image = None
         if start is not None:
@@ -335,14 +336,13 @@ class Pipeline:
     def _stages(self, with_image: bool, with_mask: bool = False) -> list[str]:
         """The stages ``_generate`` checks for NaN and inf, in the order it computes them."""
         return [getattr(self.condition, "stage", "condition")] + (["encoded image"] if with_image else []) \
-            + (["encoded masked image"] if with_mask else []) \
+            + ([f"encoded {'masked ' if self.inpainting else ''}image"] if with_mask else []) \
             + (["samples"] if self.decode is None else ["latents", "decoded image"])
 
     def _check_inpaint(self, image, mask, strength):
         """The strength for inpainting (diffusers' default 1), after the checks image-to-image lacks."""
-        if not self.inpainting:
-            raise ValueError("mask= needs an inpainting pipeline (a U-Net of 2 C + 1 input channels, e.g. a "
-                             "StableDiffusionInpaintPipeline folder); this U-Net reads the latents alone")
+        if not self.inpainting and self.encode is None:
+            raise ValueError("mask= needs a latent pipeline with an encoder (Stable Diffusion)")
         if image is None:
             raise ValueError("this pipeline's U-Net is an inpainting U-Net: pass image= (the image to repaint) and "
                              "mask= (uint8, white = repaint)" if mask is None else
@@ -467,18 +467,23 @@ class Pipeline:
         x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys) if latents is None \
             else latents
         run_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+        noise = x_T
         if image is not None:  # image-to-image: the image's latents, noised to the first step of the grid
             z0 = self.encode(params, image, jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
             x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
         finite = [_all_finite((cond, uncond))] + ([_all_finite(z0)] if image is not None else [])
         model = lambda x, t, c: self.eps_model(params, x, t, c)
-        if inpaint is not None:  # the mask and masked image's latents ride with each condition into the U-Net
+        if inpaint is not None and self.inpainting:  # the mask and masked image's latents ride with each condition
             encode = lambda x: self.encode(params, x, jax.vmap(jax.random.fold_in, (0, None))(keys, 3))
             extra = inpainting.channels(encode, *inpaint)
             finite.append(_all_finite(extra))
             cond, uncond = (cond, extra), (uncond, extra)
             model = lambda x, t, c: self.eps_model(params, x, t, c[0], c[1])
+        elif inpaint is not None:  # the image's latents (the same draw as image-to-image's) kept outside the mask
+            known = self.encode(params, inpaint[1], jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
+            finite.append(_all_finite(known))
+            options = (*options, ("after_step", inpainting.keep_known(self.schedule, known, noise, inpaint[0], grid)))
         if self.classifier is None:
             eps_fn = guidance.cfg(model, cond, uncond, gamma)
         else:
