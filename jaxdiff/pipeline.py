@@ -272,9 +272,9 @@ class Pipeline:
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
         ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1] (default 0.8): image-to-image, the image's
         latents noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
-        ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting, for a pipeline whose
-        U-Net reads the mask and the masked image (``inpainting``; see ``jaxdiff.inpainting``); strength
-        defaults to 1, which starts from pure noise as diffusers does.
+        ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting (``jaxdiff.inpainting``),
+        the mask and masked image fed to an inpainting U-Net (``self.inpainting``), or for a text-to-image U-Net
+        the known region put back after every step; strength defaults to 1, from pure noise, as diffusers does.
 
         Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
         or inf: the condition's states, the latents or samples, the decoded image.
