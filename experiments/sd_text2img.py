@@ -6,7 +6,8 @@ PNGs, in pure JAX: text encoding, the whole sampling loop and decoding in one co
 
 Writes <out>/<index>.png per image and grid.png (rows = prompts, columns = --per-prompt images), and prints
 the first call's time (compile included) and the time per image after it. With --image (a PNG or JPEG) and
---strength, image-to-image. On a GPU the default compute is bfloat16 with cuDNN's fused attention.
+--strength, image-to-image; with --mask too (white = repaint) and an inpainting folder, inpainting. On a GPU
+the default compute is bfloat16 with cuDNN's fused attention.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from jaxdiff.pipeline import Pipeline
 from jaxdiff.pretrained import walks
 
 
-def read_image(path) -> np.ndarray:
-    """An image file (PNG, JPEG, ...) -> uint8 (H, W, 3), through Pillow (matplotlib's own dependency,
-    in the 'experiments' extra)."""
+def read_image(path, mode: str = "RGB", flag: str = "--image") -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> uint8 (H, W, 3), or (H, W) for mode "L" (grey, as diffusers reads
+    masks), through Pillow (matplotlib's own dependency, in the 'experiments' extra)."""
     try:
         from PIL import Image
     except ImportError:
-        raise ValueError("--image needs Pillow: pip install 'jaxdiff[experiments]'") from None
+        raise ValueError(f"{flag} needs Pillow: pip install 'jaxdiff[experiments]'") from None
     try:
         with epath.Path(path).open("rb") as f:
-            return np.asarray(Image.open(f).convert("RGB"))
+            return np.asarray(Image.open(f).convert(mode))
     except (OSError, ValueError) as err:
-        raise ValueError(f"--image {path}: cannot be read as an image ({err})") from None
+        raise ValueError(f"{flag} {path}: cannot be read as an image ({err})") from None
 
 
 def main(argv=None):
@@ -59,7 +60,8 @@ def main(argv=None):
     p.add_argument("--width", type=common.positive_int, default=None, help="image width (default: the model's)")
     p.add_argument("--image", default=None, help="a PNG to start from (image-to-image)")
     p.add_argument("--strength", type=common.finite_float, default=None,
-                   help="how far image-to-image departs, in (0, 1] (default 0.8; needs --image)")
+                   help="how far image-to-image departs, in (0, 1] (default 0.8, inpainting 1; needs --image)")
+    p.add_argument("--mask", default=None, help="a PNG of the region to repaint, white (inpainting; needs --image)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU (float16: not on the CPU)")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
@@ -81,8 +83,11 @@ def run(args, out):
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     prompts = [q for q in args.prompt for _ in range(args.per_prompt)]
     image = read_image(args.image) if args.image else None
+    mask = read_image(args.mask, "L", "--mask") if args.mask else None
     kwargs = dict(gamma=args.gamma, sampler=args.sampler, steps=args.steps, seed=args.seed, height=args.height,
                   width=args.width, image=image, strength=args.strength)
+    if mask is not None:  # only then, so that a pipeline without inpainting is called as before
+        kwargs["mask"] = mask
     t0 = time.perf_counter()
     images = np.asarray(pipe(prompts, args.negative, **kwargs))
     first = time.perf_counter() - t0

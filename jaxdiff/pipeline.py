@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxdiff import conditions, guidance, sampling, specs
+from jaxdiff import conditions, guidance, inpainting, sampling, specs
 from jaxdiff.checkpoint import CheckpointError, Checkpoints
 from jaxdiff.data import to_uint8
 from jaxdiff.schedules import add_noise
@@ -39,6 +39,7 @@ class NonFiniteSample(ValueError):
     def __init__(self, stage: str):
         hints = {"text states": "the text encoder's output, before any sampling step",
                  "encoded image": "the autoencoder's encoding of image=",
+                 "encoded masked image": "the autoencoder's encoding of image= with the region to repaint blanked",
                  "latents": "what the sampler produced, before decoding: the U-Net's output or its compute dtype",
                  "samples": "what the sampler produced: the network's output or its compute dtype",
                  "decoded image": "the autoencoder's decoding of finite latents: the decoder or its compute dtype"}
@@ -130,6 +131,8 @@ class Pipeline:
     (None in pixel space); ``classifier(params, x_t, t)`` gives a noisy classifier's logits.
     Build one with ``for_labels``, ``for_prompts``, ``for_low_res`` or ``from_checkpoint``.
     """
+
+    inpainting = False  # the U-Net reads a mask and a masked image beside the latents (for_stable_diffusion sets it)
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
                  classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
@@ -255,10 +258,12 @@ class Pipeline:
     @classmethod
     def for_stable_diffusion(cls, sd) -> Pipeline:
         """From loaded parts (``jaxdiff.pretrained.stable_diffusion.StableDiffusion``)."""
-        return cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
+        pipe = cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
                    sampler_options=sd.sampler_options, walk=sd.walk)
+        pipe.inpainting = getattr(sd, "inpainting", False)
+        return pipe
 
     @classmethod
     def _text_from_run(cls, root: epath.Path, dtype) -> Pipeline:
@@ -276,7 +281,8 @@ class Pipeline:
 
     def sample(self, condition, negative=None, *, gamma=None, sampler: str = "auto", steps: int | None = None,
                seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
-               width: int | None = None, latents=None, image=None, strength: float | None = None) -> jax.Array:
+               width: int | None = None, latents=None, image=None, strength: float | None = None,
+               mask=None) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
@@ -294,6 +300,9 @@ class Pipeline:
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
         ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1] (default 0.8): image-to-image, the image's
         latents noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
+        ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting (``jaxdiff.inpainting``),
+        the mask and masked image fed to an inpainting U-Net (``self.inpainting``), or for a text-to-image U-Net
+        the known region put back after every step; strength defaults to 1, from pure noise, as diffusers does.
 
         Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
         or inf: the condition's states, the latents or samples, the decoded image.
@@ -326,7 +335,19 @@ class Pipeline:
         shape = self._shape(height, width)
         grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else getattr(
             sampler, "grid", None)  # a diffusers walk has its own
+        inpaint = None
+        if mask is not None or self.inpainting:
+            strength = self._check_inpaint(image, mask, strength)
+        if mask is not None and not self.inpainting and sampler not in _GRID_SAMPLERS:
+            raise ValueError(f"mask= with a U-Net that is not an inpainting one puts the known region back after each "
+                             f"step, which samplers 'ddim' and 'dpm++' do; sampler {asked!r} runs "
+                             f"{getattr(sampler, 'sampler', sampler)!r}: pass sampler='ddim' or 'dpm++'")
         start, image = self._check_image(image, strength, n, shape, sampler, steps, grid)
+        if mask is not None:  # an inpainting U-Net reads the masked image, another gets the image's known region back
+            inpaint = inpainting.host_inputs(inpainting.check_mask(mask, *image.shape[:3]), image, self.latent_size[0])
+            inpaint = inpaint if self.inpainting else (inpaint[0], image)
+            if _real(strength) == 1:  # diffusers' inpainting starts from pure noise, not the noised image
+                image = None
         if start is not None:
             grid = tuple(grid[start:])
         if latents is not None:
@@ -343,10 +364,10 @@ class Pipeline:
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
         out, finite = self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed),
-                                          latents, image)
+                                          latents, image, inpaint)
         finite = np.asarray(finite)  # the one wait: a result is checked before it is handed out
         if not finite.all():
-            raise NonFiniteSample(self._stages(image is not None)[int(np.argmin(finite))])
+            raise NonFiniteSample(self._stages(image is not None, inpaint is not None)[int(np.argmin(finite))])
         return out
 
     def _resolve(self, sampler, steps, image):
@@ -366,10 +387,24 @@ class Pipeline:
                              f"sigmas) is not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
         return walk, walk.steps, walk
 
-    def _stages(self, with_image: bool) -> list[str]:
+    def _stages(self, with_image: bool, with_mask: bool = False) -> list[str]:
         """The stages ``_generate`` checks for NaN and inf, in the order it computes them."""
         return [getattr(self.condition, "stage", "condition")] + (["encoded image"] if with_image else []) \
+            + ([f"encoded {'masked ' if self.inpainting else ''}image"] if with_mask else []) \
             + (["samples"] if self.decode is None else ["latents", "decoded image"])
+
+    def _check_inpaint(self, image, mask, strength):
+        """The strength for inpainting (diffusers' default 1), after the checks image-to-image lacks."""
+        if not self.inpainting and self.encode is None:
+            raise ValueError("mask= needs a latent pipeline with an encoder (Stable Diffusion)")
+        if image is None:
+            raise ValueError("this pipeline's U-Net is an inpainting U-Net: pass image= (the image to repaint) and "
+                             "mask= (uint8, white = repaint)" if mask is None else
+                             "mask= needs image= (the uint8 image whose masked region is repainted)")
+        if mask is None:
+            raise ValueError("this pipeline's U-Net is an inpainting U-Net: pass mask= (uint8 (H, W) or (N, H, W), "
+                             "white = repaint) with image=")
+        return 1.0 if strength is None else strength
 
     def load_lora(self, path, scale: float = 1.0, *, strict: bool = True) -> Pipeline:
         """Apply a LoRA file (``jaxdiff.lora.save``'s, one diffusers / peft wrote, or kohya's / A1111's
@@ -477,7 +512,7 @@ class Pipeline:
         return start, np.broadcast_to(arr, want).astype(np.float32) / 127.5 - 1.0
 
     def _generate(self, sampler, steps, eta, clip_x0, shape, grid, options, params, cond, uncond, gamma, key, latents,
-                  image):
+                  image, inpaint=None):
         params = self._apply_loras(params)
         n = gamma.shape[0]
         if self.compute_dtype is not None and "unet" in params:
@@ -487,12 +522,23 @@ class Pipeline:
         x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys) if latents is None \
             else latents
         run_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+        noise = x_T
         if image is not None:  # image-to-image: the image's latents, noised to the first step of the grid
             z0 = self.encode(params, image, jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
             x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
         finite = [_all_finite((cond, uncond))] + ([_all_finite(z0)] if image is not None else [])
         model = lambda x, t, c: self.eps_model(params, x, t, c)
+        if inpaint is not None and self.inpainting:  # the mask and masked image's latents ride with each condition
+            encode = lambda x: self.encode(params, x, jax.vmap(jax.random.fold_in, (0, None))(keys, 3))
+            extra = inpainting.channels(encode, *inpaint)
+            finite.append(_all_finite(extra))
+            cond, uncond = (cond, extra), (uncond, extra)
+            model = lambda x, t, c: self.eps_model(params, x, t, c[0], c[1])
+        elif inpaint is not None:  # the image's latents (the same draw as image-to-image's) kept outside the mask
+            known = self.encode(params, inpaint[1], jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
+            finite.append(_all_finite(known))
+            options = (*options, ("after_step", inpainting.keep_known(self.schedule, known, noise, inpaint[0], grid)))
         if self.classifier is None:
             eps_fn = guidance.cfg(model, cond, uncond, gamma)
         else:

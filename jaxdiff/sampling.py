@@ -73,10 +73,12 @@ def noise_like(key, x):
     return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
 
 
-def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: bool = False):
+def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: bool = False, after_step=None):
     """Run ``step(x, carry, inputs_i, key_i) -> (x, carry)`` over the leading axis of the pytree
     ``inputs`` in one ``lax.scan``. ``key_i`` is ``key`` folded with i (per example if ``key`` is
     per example; None if ``key`` is None). Returns x, or (x, trajectory) with x_T first.
+    ``after_step(x, i) -> x`` edits each step's x before the next step reads it (inpainting with a
+    text-to-image U-Net puts the known region back); a multistep sampler's carry is left as it was.
 
     The dtype rule of the module docstring: x_T floating, the state carried in ``work_dtype(x_T)``
     (x and each carry leaf keep the dtype they start with), the result cast back to x_T's dtype."""
@@ -91,6 +93,7 @@ def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: b
         i, inp = scanned
         k = None if key is None else _fold(key, i)
         x_next, c_next = step(x, c, inp, k)
+        x_next = x_next if after_step is None else after_step(x_next, i)
         c_next = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), c_next, c)
         return (x_next.astype(x.dtype), c_next), (x if return_trajectory else None)
 
@@ -256,7 +259,7 @@ def ddpm(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, clip_x0=None, vari
 
 
 def ddim(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None, eta: float = 0.0,
-         clip_x0=None, spacing: str = "uniform", return_trajectory: bool = False):
+         clip_x0=None, spacing: str = "uniform", return_trajectory: bool = False, after_step=None):
     """DDIM (Song et al.): eta = 0 is deterministic (the probability-flow ODE, first order),
     eta = 1 matches DDPM's posterior variance at each jump."""
     clip_x0 = _check_common(x_T, clip_x0)
@@ -273,11 +276,12 @@ def ddim(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 50, t
         return ddim_step(x0, eps, abar_t=ab_t, abar_s=ab_s, eta=eta, noise=noise), None
 
     return sample_loop(step, x_T, (t, schedule.alpha_bar(t), schedule.alpha_bar(s)), key=key if eta > 0 else None,
-                       return_trajectory=return_trajectory)
+                       return_trajectory=return_trajectory, after_step=after_step)
 
 
 def dpm_solver_pp(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 20, timesteps=None, clip_x0=None,
-                  spacing: str = "logsnr", final_first_order: bool = False, return_trajectory: bool = False):
+                  spacing: str = "logsnr", final_first_order: bool = False, return_trajectory: bool = False,
+                  after_step=None):
     """DPM-Solver++(2M) (Lu et al. 2022): multistep second order in the data prediction.
 
     With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
@@ -296,7 +300,7 @@ def dpm_solver_pp(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: in
         return dpm_solver_pp_step(x, x0, x0_prev, ratio=c["ratio"], scale=c["scale"], w=c["w"]), x0
 
     return sample_loop(step, x_T, coef, carry=jnp.zeros(jnp.shape(x_T), work_dtype(x_T)),
-                       return_trajectory=return_trajectory)
+                       return_trajectory=return_trajectory, after_step=after_step)
 
 
 def euler(eps_fn: EpsFn, schedule: Schedule, x_T, *, key=None, steps: int = 20, timesteps=None, clip_x0=None,

@@ -47,7 +47,8 @@ def test_the_whole_pipeline_equals_diffusers(loaded, sampler):
 
 def test_v_prediction_is_read_from_the_scheduler_config():
     assert Pipeline.from_pretrained(folder("sd2pipe")).eps_model.__self__.prediction == "v_prediction"
-    assert Pipeline.from_pretrained(folder("sd1pipe")).eps_model.__self__.prediction == "epsilon"
+    sd1 = Pipeline.from_pretrained(folder("sd1pipe"))
+    assert sd1.eps_model.__self__.prediction == "epsilon" and not sd1.inpainting  # in_channels 4: text-to-image
 
 
 def test_uint8_rgb_of_any_multiple_of_the_latent_factor_and_seeds(loaded):
@@ -157,9 +158,9 @@ def test_configs_that_do_not_fit_are_refused_before_any_weight_is_read(tmp_path)
             t["id"] = 5000 if t["content"] == "<|endoftext|>" else t["id"]
 
     for path, change, msg in [
-        (unet, lambda d: d.update(in_channels=9), r"unet/config.json: in_channels 9 is an inpainting U-Net \(9 = 4 "
-                                                  r"latent \+ 1 mask \+ 4 masked-image channels\); jaxdiff's "
-                                                  r"text-to-image pipeline needs in_channels 4"),
+        (unet, lambda d: d.update(in_channels=7), r"unet/config.json: in_channels 7 fits neither text-to-image \(4, "
+                                                  r"the autoencoder's latent_channels\) nor inpainting \(9 = 4 latent "
+                                                  r"\+ 1 mask \+ 4 masked-image channels\)"),
         (unet, lambda d: d.update(sample_size=0), r"unet/config.json: sample_size must be a positive integer"),
         (tok, eos_5000, r"tokenizer: eos_token '<\|endoftext\|>' has id 5000, outside \S+text_encoder/config.json's "
                         r"vocab_size 1000"),

@@ -119,7 +119,8 @@ def _write(sd, parts: dict, root: Path, dtype) -> None:
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     sd.tokenizer.save(root / "tokenizer")
     _write_json(root / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline",
+        # diffusers picks the pipeline class from this name: an inpainting U-Net needs the inpainting pipeline
+        "_class_name": f"StableDiffusion{'Inpaint' if getattr(sd, 'inpainting', False) else ''}Pipeline",
         "_diffusers_version": version,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

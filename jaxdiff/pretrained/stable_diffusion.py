@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import conditions, specs
+from jaxdiff import conditions, inpainting, specs
 from jaxdiff.parametrization import eps_from_v
 from jaxdiff.pretrained import folder as folders
 from jaxdiff.pretrained import save, scheduler, walks, weights
@@ -54,6 +54,8 @@ class StableDiffusion:
         self.prediction = scheduler.prediction_type(scheduler_config)
         self.latent_factor = 2 ** (len(self.vae.block_out_channels) - 1)
         self.latent_channels = self.vae.latent_channels
+        # an inpainting U-Net reads the mask and the masked image's latents beside the noisy latents
+        self.inpainting = unet_spec.config_dict().get("in_channels", 4) == 2 * self.latent_channels + 1
         self.default_size = tuple(s * self.latent_factor for s in self.default_size)
 
     @classmethod
@@ -81,10 +83,12 @@ class StableDiffusion:
         ({"unet": trained}), the rest this model's; ``dtype`` casts floating tensors."""
         return save.save_pretrained(self, folder, params=params, dtype=dtype)
 
-    def eps_model(self, params, z, t, context):
+    def eps_model(self, params, z, t, context, extra=None):
         """eps of the latents z_t at jaxdiff's t (the U-Net reads diffusers' t - 1); a v-prediction
-        U-Net's output converted to eps."""
-        out = self.unet.apply(params["unet"], z, t - 1, None, context)
+        U-Net's output converted to eps. ``extra``: an inpainting U-Net's mask and masked-image channels
+        (``jaxdiff.inpainting.channels``), read after z."""
+        x = z if extra is None else inpainting.unet_input(z, extra)
+        out = self.unet.apply(params["unet"], x, t - 1, None, context)
         if self.prediction == "v_prediction":
             out = eps_from_v(z, out, alpha_bar=self.schedule.alpha_bar(t))
         return out
@@ -167,11 +171,10 @@ def check_parts(unet: dict, vae: dict, text: dict, tokenizer, where: dict) -> tu
     Returns the U-Net's default latent size (height, width) from its sample_size."""
     latent = vae.get("latent_channels", 4)
     in_channels = unet.get("in_channels", 4)
-    if in_channels != latent:
-        what = (f"an inpainting U-Net ({in_channels} = {latent} latent + 1 mask + {latent} masked-image channels)"
-                if in_channels == 2 * latent + 1 else f"a U-Net of {in_channels} input channels")
-        raise ValueError(f"{where['unet']}: in_channels {in_channels} is {what}; jaxdiff's text-to-image pipeline "
-                         f"needs in_channels {latent} (the autoencoder's latent_channels)")
+    if in_channels not in (latent, 2 * latent + 1):
+        raise ValueError(f"{where['unet']}: in_channels {in_channels} fits neither text-to-image ({latent}, the "
+                         f"autoencoder's latent_channels) nor inpainting ({2 * latent + 1} = {latent} latent + 1 mask "
+                         f"+ {latent} masked-image channels)")
     size = unet.get("sample_size", 64)
     pair = list(size) if isinstance(size, (list, tuple)) and len(size) == 2 else [size, size]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
