@@ -212,7 +212,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
                         offline: bool | None = None) -> Pipeline:
-        """Stable Diffusion (1.x, 2.x) from a diffusers folder, or a hub id when online::
+        """Stable Diffusion (1.x, 2.x, SDXL base and refiner) from a diffusers folder, or a hub id when online::
 
             pipe = Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16, attention="cudnn")
             images = pipe(["a red bicycle"], negative="blurry", gamma=7.5, sampler="dpm++", steps=25, seed=0)
@@ -222,7 +222,9 @@ class Pipeline:
         where there is no cuDNN, XLA's, with a notice). Samplers "ddim" and "dpm++" walk the timesteps
         diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's scheduler
         config. The folder is checked before and while its weights are read (configs that disagree,
-        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``."""
+        non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``.
+        SDXL (``jaxdiff.pretrained.sdxl``): the call also takes prompt_2, negative_2 and the micro-conditioning
+        (see ``sample``); guidance defaults to 5 and the size to the U-Net's sample_size x 8 (1024)."""
         from jaxdiff.pretrained import stable_diffusion
 
         return cls.for_stable_diffusion(stable_diffusion.load(model, dtype=dtype, attention=attention, variant=variant,
@@ -267,8 +269,9 @@ class Pipeline:
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
         latent pipeline (multiples of its latent factor). ``latents``: the starting noise x_T, (N, ...)
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
-        ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1] (default 0.8): image-to-image, the image's
-        latents noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
+        ``image`` (uint8 (N, H, W, 3); its size when height and width are not given) with ``strength`` in (0, 1]
+        (default 0.8): image-to-image, the image's latents noised to the grid's step
+        ``steps - int(steps * strength)`` and denoised from there.
 
         ``denoising_end`` / ``denoising_start`` in (0, 1) (SDXL's ensemble of experts, as diffusers): stop at,
         or start from, the first grid timestep below (1 - fraction) of the training steps; with ``denoising_end``
@@ -290,6 +293,9 @@ class Pipeline:
         if steps is not None and steps > self.schedule.num_timesteps:
             raise ValueError(f"steps must be at most {self.schedule.num_timesteps} (the schedule's T), got {steps}")
         eta = _check_eta(eta) if (info.takes_eta and eta is not None) else None
+        if image is not None and height is None and width is None and self.latent_size is not None \
+                and np.ndim(image) in (3, 4):
+            height, width = np.shape(image)[-3:-1]  # image-to-image: the image's size, as diffusers
         shape = self._shape(height, width)
         if hasattr(self.condition, "host_pair"):
             size = (shape[0] * self.latent_size[0], shape[1] * self.latent_size[0])
