@@ -6,7 +6,9 @@ says. Measured: at most
 1.4e-5 apart (the latents of the hand-off, |x| up to 34) and 1e-6 elsewhere (images in [0, 1]); the bound is
 1e-4."""
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -110,3 +112,13 @@ def test_bad_settings_are_named(base, refiner):
         refiner.sample(PROMPTS, denoising_start=0.5, steps=4)
     with pytest.raises(ValueError, match=r"denoising_end must be a number in \(0, 1\)"):
         base.sample(PROMPTS, denoising_end=1.5, steps=4)
+
+
+def test_a_wrong_requires_aesthetics_score_is_named_before_weights_are_read(tmp_path):
+    folder = tmp_path / "refiner"
+    shutil.copytree(REFINER, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": False}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never read
+    with pytest.raises(ValueError, match="requires_aesthetics_score right"):
+        Pipeline.from_pretrained(folder)

@@ -29,6 +29,22 @@ def is_sdxl(index: folders.PipelineIndex) -> bool:
     return index.class_name in SDXL_CLASSES or "text_encoder_2" in index.paths
 
 
+def check_added_width(unet_cfg: dict, text_2_cfg: dict, aesthetic: bool) -> None:
+    """The U-Net's add_embedding input = the pooled embedding + 5 (refiner: with the aesthetic score) or 6 time
+    ids of addition_time_embed_dim each; a wrong requires_aesthetics_score is named before any weight is read."""
+    if unet_cfg.get("addition_embed_type") != "text_time":
+        raise ValueError(f"unet config: addition_embed_type {unet_cfg.get('addition_embed_type')!r}; an SDXL "
+                         f"U-Net has 'text_time'")
+    ids = 5 if aesthetic else 6
+    width = unet_cfg["addition_time_embed_dim"] * ids + text_2_cfg.get("projection_dim", 512)
+    if width != unet_cfg["projection_class_embeddings_input_dim"]:
+        other = "without" if aesthetic else "with"
+        raise ValueError(f"unet config: projection_class_embeddings_input_dim "
+                         f"{unet_cfg['projection_class_embeddings_input_dim']} is not text_encoder_2's "
+                         f"projection_dim + {ids} time ids x addition_time_embed_dim ({width}); is "
+                         f"model_index.json's requires_aesthetics_score right? (try {other} it)")
+
+
 class StableDiffusionXL(StableDiffusion):
     """The parts of one SDXL base or refiner: specs, parameters {"unet", "vae", "text" (base only), "text_2"},
     tokenizers, scheduler config and model_index.json's settings (``force_zeros_for_empty_prompt``: a missing
@@ -46,9 +62,6 @@ class StableDiffusionXL(StableDiffusion):
         dtype, attention = compute_settings(dtype, attention)
         settings = dict(settings or {})
         unet_cfg, vae_cfg = unet_spec.config_dict(), vae_spec.config_dict()
-        if unet_cfg.get("addition_embed_type") != "text_time":
-            raise ValueError(f"unet config: addition_embed_type {unet_cfg.get('addition_embed_type')!r}; an SDXL "
-                             f"U-Net has 'text_time'")
         where = {"unet": "unet config", "vae": "vae config", "text_encoder": "text_encoder_2 config",
                  "tokenizer": "tokenizer_2"}
         self.default_size = check_parts(unet_cfg, vae_cfg, text_2_spec.config_dict(), tokenizer_2, where)
@@ -71,17 +84,7 @@ class StableDiffusionXL(StableDiffusion):
         self.latents_mean, self.latents_std = vae_cfg.get("latents_mean"), vae_cfg.get("latents_std")
         self.force_zeros = bool(settings.get("force_zeros_for_empty_prompt", True))
         self.aesthetic = bool(settings.get("requires_aesthetics_score", False))
-        self._check_added_width(unet_cfg, text_2_spec.config_dict())
-
-    def _check_added_width(self, unet_cfg, text_2_cfg):
-        ids = 5 if self.aesthetic else 6
-        width = unet_cfg["addition_time_embed_dim"] * ids + text_2_cfg.get("projection_dim", 512)
-        if width != unet_cfg["projection_class_embeddings_input_dim"]:
-            other = "without" if self.aesthetic else "with"
-            raise ValueError(f"unet config: projection_class_embeddings_input_dim "
-                             f"{unet_cfg['projection_class_embeddings_input_dim']} is not text_encoder_2's "
-                             f"projection_dim + {ids} time ids x addition_time_embed_dim ({width}); is "
-                             f"model_index.json's requires_aesthetics_score right? (try {other} it)")
+        check_added_width(unet_cfg, text_2_spec.config_dict(), self.aesthetic)
 
     @classmethod
     def from_folder(cls, root, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None):
@@ -100,10 +103,8 @@ class StableDiffusionXL(StableDiffusion):
         tokenizer_2 = tokenizers.load_tokenizer(index["tokenizer_2"])
         tokenizer = tokenizers.load_tokenizer(index["tokenizer"]) if base else None
         # every config is checked before minutes of reading weights
-        sd = cls.__new__(cls)
-        sd.settings = index.settings
-        sd.aesthetic = bool(index.settings.get("requires_aesthetics_score", False))
-        sd._check_added_width(unet.config_dict(), text_2.config_dict())
+        check_added_width(unet.config_dict(), text_2.config_dict(),
+                          bool(index.settings.get("requires_aesthetics_score", False)))
         fields = {"unet": (unet, "unet"), "vae": (vae, "vae"), "text_2": (text_2, "text_encoder_2")}
         if base:
             fields["text"] = (text, "text_encoder")
