@@ -8,9 +8,9 @@ encoders, the force_upcast VAE) with random weights: speed does not depend on th
 tokenized by both tokenizers, both encoders, 30 steps of DPM-Solver++ with classifier-free guidance (gamma 5, the
 guidance pair as one batch), latents decoded, uint8 images on the host. jaxdiff: bf16 weights and compute, cuDNN
 fused attention, the VAE in float32 (force_upcast), the whole call one compiled program. diffusers'
-StableDiffusionXLPipeline in float16 (its VAE upcast to float32 for decoding, as force_upcast asks): eager with
-PyTorch's SDPA attention, and with its U-Net channels-last and torch.compile(mode="reduce-overhead",
-fullgraph=True). Each implementation in its own process; reported as benchmarks.sd_speed reports.
+StableDiffusionXLPipeline in float16 (its VAE cast to float32 for decoding and back by the pipeline, as
+force_upcast asks): eager with PyTorch's SDPA attention, and with its U-Net channels-last and
+torch.compile(mode="reduce-overhead", fullgraph=True). Each implementation in its own process; reported as benchmarks.sd_speed reports.
 """
 
 from __future__ import annotations
@@ -103,8 +103,7 @@ def run_diffusers(args, compiled: bool) -> list[dict]:
         vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZERS[0]),
         tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZERS[1]), unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(cfg["scheduler"]), add_watermarker=False).to(dev, dtype)
-    if dtype == torch.float16:
-        pipe.vae.to(torch.float32)  # force_upcast: the fp16 SDXL VAE overflows; diffusers upcasts it to decode
+    # the VAE stays float16: with force_upcast the pipeline itself casts it to float32 to decode, and back
     pipe.set_progress_bar_config(disable=True)
     if compiled:
         pipe.unet.to(memory_format=torch.channels_last)
