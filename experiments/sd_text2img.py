@@ -1,4 +1,4 @@
-"""Section 10.5.2: a pretrained Stable Diffusion (1.x or 2.x, diffusers folder or hub id) from prompts to
+"""Section 10.5.2: a pretrained Stable Diffusion (1.x, 2.x or SDXL, diffusers folder or hub id) from prompts to
 PNGs, in pure JAX: text encoding, the whole sampling loop and decoding in one compiled program.
 
     python -m experiments.sd_text2img --model path/to/stable-diffusion-v1-5 --prompt "a red bicycle" \\
@@ -48,7 +48,10 @@ def main(argv=None):
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     p.add_argument("--negative", default=None, help="what to steer away from (default: the empty prompt)")
     p.add_argument("--per-prompt", type=common.positive_int, default=1, help="images per prompt")
-    p.add_argument("--gamma", type=common.finite_float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--gamma", type=common.finite_float, default=None,
+                   help="classifier-free guidance scale (default: the model's, 7.5 for SD 1.x/2.x, 5 for SDXL)")
+    p.add_argument("--prompt-2", default=None, help="SDXL: the prompt for the second text encoder (default --prompt)")
+    p.add_argument("--negative-2", default=None, help="SDXL: the negative for the second text encoder")
     p.add_argument("--sampler", choices=(*walks.supported(), *sampling.SAMPLERS), default="auto", metavar="NAME",
                    help="auto (the folder's scheduler, as diffusers runs it), an A1111 name such as 'DPM++ 2M' or "
                         "'PLMS', a diffusers walk (pndm, unipc, ...), or one of jaxdiff's own samplers "
@@ -88,6 +91,10 @@ def run(args, out):
                   width=args.width, image=image, strength=args.strength)
     if mask is not None:  # only then, so that a pipeline without inpainting is called as before
         kwargs["mask"] = mask
+    if args.prompt_2 is not None:
+        kwargs["prompt_2"] = [args.prompt_2] * len(prompts)
+    if args.negative_2 is not None:
+        kwargs["negative_2"] = args.negative_2
     t0 = time.perf_counter()
     images = np.asarray(pipe(prompts, args.negative, **kwargs))
     first = time.perf_counter() - t0
@@ -103,8 +110,9 @@ def run(args, out):
         write_png(out / f"{i:03d}.png", img)
     write_png(out / "grid.png", grid(images.reshape(len(args.prompt), args.per_prompt, *images.shape[1:])))
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    gamma = pipe.default_gamma if args.gamma is None else args.gamma
     print(f"done: {len(images)} images {images.shape[1]}x{images.shape[2]}, {used['sampler']} {used['steps']} steps, "
-          f"gamma {args.gamma:g}; first call {first:.1f}s (compile included), {per_image:.3f}s per image after it "
+          f"gamma {gamma:g}; first call {first:.1f}s (compile included), {per_image:.3f}s per image after it "
           f"({device}, {jnp.dtype(dtype).name}); outputs in {out}")
 
 

@@ -138,6 +138,104 @@ class TextTokens:
         return self.text_encoder.apply(params["text"], ids).last_hidden_state
 
 
+class SDXLText:
+    """SDXL's condition: prompts through two text encoders and the micro-conditioning.
+
+    Host side: token ids per encoder (``prompt_2`` for the second, default the prompt), the time ids
+    (base: original size, crop top-left, target size; refiner, ``aesthetic``: original size, crop, aesthetic
+    score) and a flag that zeroes a negative (``force_zeros_for_empty_prompt`` with no negative given, as
+    diffusers). In the jit: the penultimate hidden state of each encoder, concatenated, the second encoder's
+    projected pooled output (``text_embeds``) and the time ids, as the U-Net reads them. ``tokenizer`` and
+    ``text_encoder`` are None for the refiner (second encoder only). ``params["text"]`` and ``params["text_2"]``
+    hold the encoders' parameters."""
+
+    stage = "text states"
+    OPTIONS = ("prompt_2", "negative_2", "original_size", "crops_coords_top_left", "target_size",
+               "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+               "aesthetic_score", "negative_aesthetic_score")
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, *, force_zeros_for_empty_prompt: bool,
+                 aesthetic: bool):
+        self.first = None if text_encoder is None else TextTokens(tokenizer, text_encoder)
+        self.second = TextTokens(tokenizer_2, text_encoder_2)
+        self.force_zeros, self.aesthetic = bool(force_zeros_for_empty_prompt), bool(aesthetic)
+
+    def _ids(self, prompts, prompts_2, role):
+        out = {} if self.first is None else {"ids": self.first.host(prompts, role)}
+        out["ids_2"] = self.second.host(prompts if prompts_2 is None else prompts_2, f"{role} (second encoder)"
+                                        if prompts_2 is None else f"{role}_2")
+        return out
+
+    def host_pair(self, prompts, negative, size: tuple[int, int], **options):
+        """(condition, negative condition) as host arrays for images of ``size`` (height, width)."""
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)} for SDXL; expected some of "
+                             f"{', '.join(self.OPTIONS)}")
+        o = {k: options.get(k) for k in self.OPTIONS}
+        cond = self._ids(prompts, o["prompt_2"], "prompts")
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        cond = {k: broadcast(v, n, "prompt_2") for k, v in cond.items()}
+        zero = negative is None and self.force_zeros
+        if negative is None and o["negative_2"] is None:
+            uncond = self._ids([""] * n, None, "negative")
+        else:
+            neg = [""] * n if negative is None else negative
+            uncond = self._ids(neg, o["negative_2"], "negative")
+            uncond = {k: broadcast(v, n, "negative") for k, v in uncond.items()}
+        pair = lambda k, default: _pair(k, o[k], default)
+        original, crops = pair("original_size", size), pair("crops_coords_top_left", (0, 0))
+        if self.aesthetic:
+            score = _score("aesthetic_score", o["aesthetic_score"], 6.0)
+            time_ids = original + crops + (score,)
+            neg_ids = pair("negative_original_size", original) + pair("negative_crops_coords_top_left", (0, 0)) \
+                + (_score("negative_aesthetic_score", o["negative_aesthetic_score"], 2.5),)
+        else:
+            for k in ("aesthetic_score", "negative_aesthetic_score"):
+                if o[k] is not None:
+                    raise ValueError(f"{k} is for a refiner (requires_aesthetics_score in model_index.json); this "
+                                     f"U-Net reads a target size instead")
+            target = pair("target_size", size)
+            time_ids = original + crops + target
+            neg_ids = time_ids  # diffusers' rule: the negative sizes count only when both are given
+            if o["negative_original_size"] is not None and o["negative_target_size"] is not None:
+                neg_ids = pair("negative_original_size", None) + pair("negative_crops_coords_top_left", (0, 0)) \
+                    + pair("negative_target_size", None)
+        cond["time_ids"] = np.tile(np.asarray(time_ids, np.float32), (n, 1))
+        cond["zero"] = np.zeros((n,), np.float32)
+        uncond["time_ids"] = np.tile(np.asarray(neg_ids, np.float32), (n, 1))
+        uncond["zero"] = np.full((n,), float(zero), np.float32)
+        return cond, uncond
+
+    def network(self, params, c):
+        states = []
+        if "ids" in c:
+            out = self.first.text_encoder.apply(params["text"], c["ids"], output_hidden_states=True)
+            states.append(out.hidden_states[-2].astype(jnp.float32))
+        out = self.second.text_encoder.apply(params["text_2"], c["ids_2"], output_hidden_states=True)
+        states.append(out.hidden_states[-2].astype(jnp.float32))
+        keep = 1.0 - c["zero"]
+        return {"states": jnp.concatenate(states, axis=-1) * keep[:, None, None],
+                "text_embeds": out.text_embeds.astype(jnp.float32) * keep[:, None], "time_ids": c["time_ids"]}
+
+
+def _pair(name, value, default):
+    value = default if value is None else value
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+            for v in value)):
+        raise ValueError(f"{name} must be a pair of numbers (height, width) or (top, left), got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _score(name, value, default):
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 class LowRes:
     """Low-resolution uint8 images (B, low, low, C), upsampled bilinearly to the output size
     for the U-Net to read beside x_t. The null condition is an all-zero (mid-grey) image."""

@@ -218,7 +218,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
                         offline: bool | None = None) -> Pipeline:
-        """Stable Diffusion (1.x, 2.x) from a diffusers folder, or a hub id when online::
+        """Stable Diffusion (1.x, 2.x, SDXL base and refiner) from a diffusers folder, or a hub id when online::
 
             pipe = Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", dtype=jnp.bfloat16, attention="cudnn")
             images = pipe(["a red bicycle"], negative="blurry", gamma=7.5, sampler="dpm++", steps=25, seed=0)
@@ -230,7 +230,9 @@ class Pipeline:
         timesteps diffusers' DDIMScheduler and DPMSolverMultistepScheduler would, from the checkpoint's
         scheduler config. The folder is checked before and while its weights are read (configs that disagree,
         non-float or non-finite tensors); a call whose result goes non-finite raises ``NonFiniteSample``.
-        A path ending in ``.safetensors`` is one file in the original layout: see ``from_single_file``."""
+        A path ending in ``.safetensors`` is one file in the original layout: see ``from_single_file``.
+        SDXL (``jaxdiff.pretrained.sdxl``): the call also takes prompt_2, negative_2 and the micro-conditioning
+        (see ``sample``); guidance defaults to 5 and the size to the U-Net's sample_size x 8 (1024)."""
         from jaxdiff.pretrained import stable_diffusion
 
         if str(model).endswith(".safetensors"):  # one file in the original layout, not a diffusers folder
@@ -259,7 +261,8 @@ class Pipeline:
     def for_stable_diffusion(cls, sd) -> Pipeline:
         """From loaded parts (``jaxdiff.pretrained.stable_diffusion.StableDiffusion``)."""
         pipe = cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
-                   decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
+                   decode=sd.decode, spec=sd.unet_spec, default_gamma=getattr(sd, "default_gamma", 7.5),
+                   clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
                    sampler_options=sd.sampler_options, walk=sd.walk)
         pipe.inpainting = getattr(sd, "inpainting", False)
@@ -276,13 +279,16 @@ class Pipeline:
         return cls.for_prompts(spec, unet, params, clip_spec.tokenizer(), text, ae)
 
     def __call__(self, condition, negative=None, **kwargs) -> np.ndarray:
-        """uint8 images, one per entry of ``condition``; the settings are ``sample``'s."""
-        return to_uint8(self.sample(condition, negative, **kwargs))
+        """uint8 images, one per entry of ``condition``; the settings are ``sample``'s (with ``denoising_end``,
+        the latents it returns)."""
+        out = self.sample(condition, negative, **kwargs)
+        return out if kwargs.get("denoising_end") is not None else to_uint8(out)
 
     def sample(self, condition, negative=None, *, gamma=None, sampler: str = "auto", steps: int | None = None,
                seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
                width: int | None = None, latents=None, image=None, strength: float | None = None,
-               mask=None) -> jax.Array:
+               mask=None, denoising_end: float | None = None, denoising_start: float | None = None,
+               **settings) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
@@ -298,11 +304,20 @@ class Pipeline:
         clips at 1 in pixel space, not in latent space. ``height``, ``width``: the image size of a
         latent pipeline (multiples of its latent factor). ``latents``: the starting noise x_T, (N, ...)
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
-        ``image`` (uint8 (N, H, W, 3)) with ``strength`` in (0, 1] (default 0.8): image-to-image, the image's
-        latents noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
+        ``image`` (uint8 (N, H, W, 3); its size when height and width are not given) with ``strength`` in (0, 1]
+        (default 0.8): image-to-image, the image's latents noised to the grid's step
+        ``steps - int(steps * strength)`` and denoised from there.
+
         ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting (``jaxdiff.inpainting``),
         the mask and masked image fed to an inpainting U-Net (``self.inpainting``), or for a text-to-image U-Net
         the known region put back after every step; strength defaults to 1, from pure noise, as diffusers does.
+
+        ``denoising_end`` / ``denoising_start`` in (0, 1) (SDXL's ensemble of experts, as diffusers): stop at,
+        or start from, the first grid timestep below (1 - fraction) of the training steps; with ``denoising_end``
+        the result is the latents there, not decoded (hand them to the refiner as ``latents=`` with
+        ``denoising_start``, which walks the rest of the grid from them, adding no noise). ``settings``: the
+        condition's own (SDXL: prompt_2, negative_2, original_size, crops_coords_top_left,
+        target_size, their negative_ counterparts, aesthetic_score, negative_aesthetic_score).
 
         Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
         or inf: the condition's states, the latents or samples, the decoded image.
@@ -319,9 +334,22 @@ class Pipeline:
         if steps is not None and steps > self.schedule.num_timesteps:
             raise ValueError(f"steps must be at most {self.schedule.num_timesteps} (the schedule's T), got {steps}")
         eta = _check_eta(eta) if (info.takes_eta and eta is not None) else None
-        cond = self.condition.host(condition)
-        n = conditions.batch_size(cond)
-        if negative is None:
+        if image is not None and height is None and width is None and self.latent_size is not None \
+                and np.ndim(image) in (3, 4):
+            height, width = np.shape(image)[-3:-1]  # image-to-image: the image's size, as diffusers
+        shape = self._shape(height, width)
+        if hasattr(self.condition, "host_pair"):
+            size = (shape[0] * self.latent_size[0], shape[1] * self.latent_size[0])
+            cond, uncond = self.condition.host_pair(condition, negative, size, **settings)
+            n = conditions.batch_size(cond)
+        elif settings:
+            raise ValueError(f"unknown keyword argument(s) {', '.join(sorted(settings))} for this pipeline")
+        else:
+            cond = self.condition.host(condition)
+            n = conditions.batch_size(cond)
+        if hasattr(self.condition, "host_pair"):
+            pass  # the negative is the condition's business (SDXL zeroes a missing one)
+        elif negative is None:
             uncond = self.condition.null(n)
         elif self.classifier is not None:
             raise ValueError("a negative condition needs classifier-free guidance; this pipeline uses a classifier")
@@ -332,7 +360,6 @@ class Pipeline:
             sampler, str) else {}
         config_clip = options.pop("clip_x0", self.clip_x0)
         clip_x0 = config_clip if isinstance(clip_x0, str) and clip_x0 == "auto" else clip_x0
-        shape = self._shape(height, width)
         grid = self.grid(sampler, steps) if self.grid is not None and isinstance(sampler, str) else getattr(
             sampler, "grid", None)  # a diffusers walk has its own
         inpaint = None
@@ -350,6 +377,9 @@ class Pipeline:
                 image = None
         if start is not None:
             grid = tuple(grid[start:])
+        grid, to_latents = self._denoising_range(grid, denoising_end, denoising_start, sampler, image, latents)
+        if to_latents and "final_first_order" in options:
+            options["final_first_order"] = False  # the base's last step is not the end of diffusers' grid
         if latents is not None:
             latents = np.asarray(latents, np.float32)
             if latents.shape != (n, *shape):
@@ -360,7 +390,7 @@ class Pipeline:
                                  f"noise must be finite")
         self.last_sampling = walk.report() if walk is not None and image is None else _report(asked, info.name, steps,
                                                                                                grid)
-        sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())))
+        sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())), to_latents)
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
         out, finite = self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed),
@@ -511,8 +541,37 @@ class Pipeline:
             raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps")
         return start, np.broadcast_to(arr, want).astype(np.float32) / 127.5 - 1.0
 
-    def _generate(self, sampler, steps, eta, clip_x0, shape, grid, options, params, cond, uncond, gamma, key, latents,
-                  image, inpaint=None):
+    def _denoising_range(self, grid, end, start, sampler, image, latents):
+        """(the grid cut at ``denoising_end`` or from ``denoising_start``, whether to return latents)."""
+        if end is None and start is None:
+            return grid, False
+        if grid is None:
+            raise ValueError(f"denoising_end and denoising_start take a sampler with a timestep grid "
+                             f"({', '.join(_GRID_SAMPLERS)}), got {sampler!r}")
+        which = "denoising_end" if end is not None else "denoising_start"
+        if end is not None and start is not None:
+            raise ValueError("give denoising_end (the base of an ensemble) or denoising_start (the refiner), not both")
+        value = _real(end if end is not None else start)
+        if value is None or not 0 < value < 1:
+            raise ValueError(f"{which} must be a number in (0, 1), got {end if end is not None else start!r}")
+        # diffusers' cutoff in its 0-based tau; jaxdiff's t is tau + 1
+        cutoff = int(round(self.schedule.num_timesteps * (1 - value)))
+        k = sum(1 for t in grid[:-1] if t - 1 >= cutoff)
+        if end is not None:
+            if k == 0:
+                raise ValueError(f"denoising_end {value} stops before the first of the grid's steps: raise it")
+            return tuple(grid[:k + 1]), True
+        if image is not None:
+            raise ValueError("denoising_start continues from latents= (the base's output with denoising_end), "
+                             "not from image=")
+        if latents is None:
+            raise ValueError("denoising_start needs latents=: the base's output with denoising_end")
+        if k >= len(grid) - 1:
+            raise ValueError(f"denoising_start {value} leaves no step of the grid: lower it")
+        return tuple(grid[k:]), False
+
+    def _generate(self, sampler, steps, eta, clip_x0, shape, grid, options, to_latents, params, cond, uncond, gamma,
+                  key, latents, image, inpaint=None):
         params = self._apply_loras(params)
         n = gamma.shape[0]
         if self.compute_dtype is not None and "unet" in params:
@@ -552,7 +611,7 @@ class Pipeline:
             x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
                               timesteps=timesteps, **dict(options))
         finite.append(_all_finite(x0))
-        if self.decode is None:
+        if self.decode is None or to_latents:
             return x0, jnp.stack(finite)
         images = self.decode(params, x0)
         return images, jnp.stack([*finite, _all_finite(images)])

@@ -360,7 +360,13 @@ class StableDiffusionUNet(Pretrained):
         cross = c.get("cross_attention_dim", 1280)
         cross = cross[0] if isinstance(cross, list) else cross
         y = None if c.get("num_class_embeds") is None else jnp.zeros((1,), jnp.int32)
-        return _x((8, 8, c.get("in_channels", 4))), _T, y, jnp.zeros((1, 1, cross), jnp.float32)
+        inputs = (_x((8, 8, c.get("in_channels", 4))), _T, y, jnp.zeros((1, 1, cross), jnp.float32))
+        if c.get("addition_embed_type") == "text_time":
+            # add_embedding's input width is all its parameters depend on: any split between the pooled
+            # text embedding and the time ids' embeddings gives the same shapes
+            width = c["projection_class_embeddings_input_dim"] - c["addition_time_embed_dim"]
+            inputs += (None, jnp.zeros((1, width), jnp.float32), jnp.zeros((1, 1), jnp.float32))
+        return inputs
 
 
 @register
@@ -395,6 +401,20 @@ class CLIPText(Pretrained):
 
     def init_inputs(self):
         return (jnp.zeros((1, self.config_dict().get("max_position_embeddings", 77)), jnp.int32),)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class CLIPTextWithProjection(CLIPText):
+    """transformers' CLIPTextModelWithProjection (SDXL's second encoder): CLIPText plus the projected pooled
+    output."""
+
+    kind: ClassVar[str] = "clip_text_projection"
+
+    def module(self, dtype=jnp.float32, attention: str | None = None):
+        from jaxdiff.pretrained.configs import clip_text_from_config
+
+        return clip_text_from_config(self.config_dict(), dtype, attention, with_projection=True)
 
 
 def from_dict(d: Any) -> Spec:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from jaxdiff import specs
 from jaxdiff.pretrained import folder as folder_mod
 from jaxdiff.pretrained import weights
 from jaxdiff.pretrained.folder import ModelNotFound, PipelineLayoutError, read_pipeline_index, resolve
@@ -25,6 +26,7 @@ from jaxdiff.pretrained.weights import (
     CheckpointMismatch,
     CheckpointNotFound,
     UnsupportedCheckpointFormat,
+    _flatten,
     load_params,
     save_params,
 )
@@ -178,6 +180,12 @@ def real_template(rows):
     return template
 
 
+# SDXL base 1.0's and refiner 1.0's components (tests/fixtures/make_sdxl_key_fixtures.py)
+REAL["components"].update(json.loads(
+    gzip.decompress((pathlib.Path(__file__).parent / "fixtures" / "sd_keys" / "sdxl_keys.json.gz").read_bytes())
+)["components"])
+
+
 @pytest.mark.parametrize("component", sorted(REAL["components"]))
 def test_key_rule_on_every_real_key(component):
     rows = REAL["components"][component]
@@ -186,6 +194,25 @@ def test_key_rule_on_every_real_key(component):
     for key, path in by_key.items():
         assert flax_path(key, template) == path, key
         assert torch_key(path) == key, path
+
+
+SDXL_CONFIGS = json.loads((pathlib.Path(__file__).parent / "fixtures" / "sdxl_real_configs.json").read_text())
+SDXL_PARTS = {"sdxl_base_unet": ("sdxl_base", "unet", specs.StableDiffusionUNet),
+              "sdxl_refiner_unet": ("sdxl_refiner", "unet", specs.StableDiffusionUNet),
+              "sdxl_vae": ("sdxl_base", "vae", specs.StableDiffusionAutoencoder),
+              "sdxl_text_encoder": ("sdxl_base", "text_encoder", specs.CLIPText),
+              "sdxl_text_encoder_2": ("sdxl_base", "text_encoder_2", specs.CLIPTextWithProjection)}
+
+
+@pytest.mark.parametrize("component", sorted(SDXL_PARTS))
+def test_sdxl_modules_from_the_real_configs_have_exactly_the_real_parameters(component):
+    """jaxdiff's modules built from SDXL base's and refiner's config.json (shapes only, nothing allocated) hold
+    the parameters the real checkpoints hold, name for name and shape for shape, by the key rule both ways."""
+    model, part, spec = SDXL_PARTS[component]
+    template = _flatten(spec.from_config(SDXL_CONFIGS[model][part]).template()["params"])
+    want = real_template(REAL["components"][component])
+    assert {p: tuple(v.shape) for p, v in template.items()} == {p: tuple(v.shape) for p, v in want.items()}
+    assert sum(int(np.prod(v.shape)) for v in template.values()) == SDXL_CONFIGS[model]["parameter_counts"][part]
 
 
 @pytest.mark.parametrize("component", sorted(REAL["components"]))

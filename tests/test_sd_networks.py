@@ -174,7 +174,8 @@ def test_heads_follow_diffusers_naming():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("time_cond_proj_dim", 256),
+    ("addition_embed_type", "image"), ("addition_time_embed_dim", 256), ("class_embed_type", "timestep"),
+    ("time_cond_proj_dim", 256),
     ("dual_cross_attention", True), ("resnet_time_scale_shift", "scale_shift"), ("act_fn", "gelu"),
     ("only_cross_attention", [True, False, False, False]), ("encoder_hid_dim", 768), ("num_attention_heads", 8),
     ("time_embedding_type", "fourier"), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),

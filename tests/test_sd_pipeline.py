@@ -92,7 +92,8 @@ def test_image_to_image_walks_the_end_of_the_grid_from_the_noised_image(monkeypa
                         ({"strength": "0.5"}, r"strength must be in \(0, 1\]"),
                         ({"strength": np.bool_(True)}, r"strength must be in \(0, 1\]"),
                         ({"sampler": "heun"}, "image-to-image takes a sampler with a timestep grid"),
-                        ({"image": np.zeros((16, 16, 3), np.uint8)}, "image must be uint8 of shape")]:
+                        ({"image": np.zeros((16, 16, 3), np.uint8), "height": 32, "width": 32},
+                         "image must be uint8 of shape")]:
         with pytest.raises(ValueError, match=msg):
             pipe(["a cat"], **{"image": image, "sampler": "ddim", "steps": 10, **kwargs})
 

@@ -23,7 +23,9 @@ def every_spec():
             specs.Autoencoder(channels=(8, 8, 8)), specs.ContrastiveText(vocab=("a", "b"), width=16),
             *(cls.from_config(json.loads((SD_PIPE / part / "config.json").read_text()))
               for cls, part in [(specs.StableDiffusionUNet, "unet"), (specs.StableDiffusionAutoencoder, "vae"),
-                                (specs.CLIPText, "text_encoder")])]
+                                (specs.CLIPText, "text_encoder")]),
+            specs.CLIPTextWithProjection.from_config(json.loads(
+                (SD_PIPE.parent / "sdxl_tiny_base" / "text_encoder_2" / "config.json").read_text()))]
 
 
 @pytest.mark.parametrize("spec", every_spec(), ids=lambda s: s.kind)

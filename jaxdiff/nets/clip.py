@@ -25,6 +25,7 @@ class CLIPTextOutput(NamedTuple):
     last_hidden_state: jax.Array  # (B, L, hidden), after final_layer_norm, float32
     pooler_output: jax.Array  # (B, hidden): last_hidden_state at each sequence's end-of-text token
     hidden_states: tuple | None = None  # embeddings, then every layer's output (no final norm): for clip-skip
+    text_embeds: jax.Array | None = None  # (B, projection_dim): CLIPTextModelWithProjection's projected pooled output
 
 
 class CLIPAttention(nn.Module):
@@ -130,11 +131,29 @@ class CLIPTextModel(nn.Module):
 
     @nn.compact
     def __call__(self, ids, attention_mask=None, output_hidden_states: bool = False) -> CLIPTextOutput:
+        return self.text_model(ids, attention_mask, output_hidden_states)
+
+    def text_model(self, ids, attention_mask, output_hidden_states) -> CLIPTextOutput:
         if ids.shape[1] > self.max_position_embeddings:
             raise ValueError(f"ids have {ids.shape[1]} tokens; this text encoder takes at most "
                              f"{self.max_position_embeddings}")
         fields = {f: getattr(self, f) for f in _TEXT_FIELDS}
         return _TextTransformer(**fields, name="text_model")(ids, attention_mask, output_hidden_states)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' CLIPTextModelWithProjection (SDXL's second text encoder, OpenCLIP bigG): the text
+    transformer of ``CLIPTextModel`` and ``text_projection``, a bias-free linear map of the pooled output to
+    ``projection_dim``, returned as ``text_embeds`` beside the other outputs."""
+
+    projection_dim: int = 512
+
+    @nn.compact
+    def __call__(self, ids, attention_mask=None, output_hidden_states: bool = False) -> CLIPTextOutput:
+        out = self.text_model(ids, attention_mask, output_hidden_states)
+        embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=jnp.float32, name="text_projection")(
+            out.pooler_output)
+        return out._replace(text_embeds=embeds)
 
 
 _TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -12,6 +12,9 @@ t (B,) integer timesteps fed to the time embedding as given (jaxdiff's t in 1..T
 networks; for a Stable Diffusion U-Net the eps adapter passes diffusers' tau = t - 1), y (B,) class labels
 (the null label when omitted, where the configuration has one), context (B, L, D) tokens for
 cross-attention and context_mask (B, L) boolean (True = a real token). Returns eps, float32, (B, H, W, out).
+SDXL's U-Nets (``addition_time_embed_dim`` set: diffusers' addition_embed_type "text_time") also read
+``text_embeds`` (B, P), the pooled text embedding, and ``time_ids`` (B, K) float micro-conditioning (SDXL base:
+original size, crop top-left, target size; refiner: original size, crop, aesthetic score).
 """
 
 from __future__ import annotations
@@ -231,6 +234,12 @@ class UNet(nn.Module):
     time_embed_dim: int | None = None  # None: 4 * block_out_channels[0]
     num_class_embeds: int | None = None
     null_label: int | None = None
+    # SDXL's "text_time" added embedding: each time id through a sinusoidal embedding this wide, concatenated
+    # after the pooled text embedding, through add_embedding (linear_1, SiLU, linear_2), added to the time
+    # embedding; addition_embed_input_dim is that concatenation's width (the config's
+    # projection_class_embeddings_input_dim), checked at the call
+    addition_time_embed_dim: int | None = None
+    addition_embed_input_dim: int | None = None
     center_input_sample: bool = False
     dtype: Any = jnp.float32
     attention_implementation: str | None = None
@@ -269,9 +278,29 @@ class UNet(nn.Module):
         kinds = {k for a in (*self.down_attention, *self.up_attention) for k in a.split("+")}
         return self.mid_block or "transformer" in kinds or "cross" in kinds
 
+    def added_embedding(self, emb, text_embeds, time_ids):
+        """time embedding + add_embedding([text_embeds, sinusoidal(time_ids) per id]) (diffusers' text_time)."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this U-Net has SDXL's text_time embedding: pass text_embeds (B, P), the pooled text "
+                             "embedding, and time_ids (B, K), the micro-conditioning")
+        d = self.addition_time_embed_dim
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * d
+        if self.addition_embed_input_dim is not None and width != self.addition_embed_input_dim:
+            raise ValueError(f"text_embeds ({text_embeds.shape[-1]} wide) and {time_ids.shape[-1]} time_ids of "
+                             f"{d} each make {width}; this U-Net's projection_class_embeddings_input_dim is "
+                             f"{self.addition_embed_input_dim}")
+        b = emb.shape[0]
+        ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (b, time_ids.shape[-1]))
+        ids = sinusoidal_embedding(ids.reshape(-1), d, flip_sin_to_cos=self.flip_sin_to_cos,
+                                   freq_shift=self.freq_shift).reshape(b, -1)
+        pooled = jnp.broadcast_to(jnp.asarray(text_embeds, jnp.float32), (b, text_embeds.shape[-1]))
+        added = jnp.concatenate([pooled, ids], axis=-1).astype(emb.dtype)
+        return emb + TimestepEmbedding(emb.shape[-1], self.dtype, name="add_embedding")(added)
+
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-                 context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
+                 context: jax.Array | None = None, context_mask: jax.Array | None = None,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
         if self.uses_context and context is None:
             raise ValueError("this U-Net has cross-attention: pass context (B, L, D)")
         width = self.cross_attention_dim
@@ -291,6 +320,8 @@ class UNet(nn.Module):
                                      f"pass y (B,) class labels")
                 y = jnp.full((b,), self.null_label, jnp.int32)
             emb = emb + nn.Embed(self.num_class_embeds, emb.shape[-1], dtype=self.dtype, name="class_embedding")(y)
+        if self.addition_time_embed_dim is not None:
+            emb = self.added_embedding(emb, text_embeds, time_ids)
         # (B, L) -> (B, 1, 1, L): the same keys for every head and query
         mask = None if context_mask is None else context_mask[:, None, None, :]
 

@@ -1,8 +1,8 @@
 """A component's config.json (parsed, as diffusers / transformers write it) -> the flax module it describes.
 
 ``unet_from_config`` (UNet2DConditionModel), ``autoencoder_from_config`` (AutoencoderKL) and
-``clip_text_from_config`` (CLIPTextModel). Keys starting with "_" and keys that do not change the
-computation (sizes of samples, dropout, token ids the network never reads, generation settings) are
+``clip_text_from_config`` (CLIPTextModel, CLIPTextModelWithProjection). Keys starting with "_" and keys that do
+not change the computation (sizes of samples, dropout, token ids the network never reads, generation settings) are
 ignored. A key we do not support, or a supported key with a value we do not implement, raises a
 ValueError naming the key and the value: a checkpoint is refused rather than computed wrongly.
 Absent keys take the library's defaults, as diffusers / transformers do.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxdiff.nets.autoencoder import AutoencoderKL
-from jaxdiff.nets.clip import ACTIVATIONS, CLIPTextModel
+from jaxdiff.nets.clip import ACTIVATIONS, CLIPTextModel, CLIPTextModelWithProjection
 from jaxdiff.nets.unet import UNet
 
 _MISSING = object()
@@ -28,15 +28,16 @@ UNET_DEFAULTS = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1.0,
     norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
     attention_head_dim=8, use_linear_projection=False, num_class_embeds=None, upcast_attention=False,
-    time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3,
+    time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3, addition_embed_type=None,
+    addition_time_embed_dim=None, projection_class_embeddings_input_dim=None,
 )
 # keys whose only supported value is diffusers' default (what Stable Diffusion 1.x / 2.x use)
 UNET_FIXED = dict(
     act_fn=("silu", "swish"), only_cross_attention=(False,), dual_cross_attention=(False,),
-    class_embed_type=(None,), addition_embed_type=(None,), addition_time_embed_dim=(None,),
+    class_embed_type=(None,),
     encoder_hid_dim=(None,), encoder_hid_dim_type=(None,), num_attention_heads=(None,),
     resnet_time_scale_shift=("default",), time_embedding_type=("positional",), time_embedding_act_fn=(None,),
-    timestep_post_act=(None,), time_cond_proj_dim=(None,), projection_class_embeddings_input_dim=(None,),
+    timestep_post_act=(None,), time_cond_proj_dim=(None,),
     attention_type=("default",), class_embeddings_concat=(False,), reverse_transformer_layers_per_block=(None,),
 )
 # no effect on the computation of the blocks we build (dropout: inference; the rest: other block types)
@@ -84,7 +85,9 @@ def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None,
     SD 1.x: attention_head_dim 8 is the number of HEADS per block (diffusers' legacy naming), each
     channels // 8 wide; SD 2.x: a list of heads per block ([5, 10, 20, 20]: 64 wide). ``dtype`` is the
     compute dtype; ``attention`` the implementation handed to jax.nn.dot_product_attention ("cudnn", "xla"
-    or None). ``upcast_attention`` is honoured by construction: logits and softmax are always float32.
+    or None). SDXL: ``transformer_layers_per_block`` per level, no attention at the first level
+    (DownBlock2D), addition_embed_type "text_time" (the U-Net then reads text_embeds and time_ids).
+    ``upcast_attention`` is honoured by construction: logits and softmax are always float32.
     ``remat``: gradient checkpointing of every block (training)."""
     comp = "UNet2DConditionModel"
     c = _read(cfg, comp, UNET_DEFAULTS, UNET_FIXED, UNET_IGNORED)
@@ -120,6 +123,7 @@ def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None,
     for key in ("conv_in_kernel", "conv_out_kernel"):
         if c[key] % 2 != 1:
             raise _refuse(comp, key, c[key], "an odd kernel size")
+    added = _added_embedding(c, comp)
     return UNet(
         block_out_channels=chans, layers_per_block=layers,
         down_attention=tuple(DOWN_BLOCKS[t] for t in down), up_attention=tuple(UP_BLOCKS[t] for t in up),
@@ -131,9 +135,33 @@ def unet_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None,
         conv_in_kernel=c["conv_in_kernel"], conv_out_kernel=c["conv_out_kernel"], conv_norm_out=True,
         out_channels=c["out_channels"], time_proj_dim=chans[0], flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
         freq_shift=float(c["freq_shift"]), time_embed_dim=c["time_embedding_dim"] or 4 * chans[0],
-        num_class_embeds=c["num_class_embeds"], null_label=None,
-        center_input_sample=bool(c["center_input_sample"]), dtype=dtype, attention_implementation=attention,
+        num_class_embeds=c["num_class_embeds"], null_label=None, addition_time_embed_dim=added[0],
+        addition_embed_input_dim=added[1], center_input_sample=bool(c["center_input_sample"]), dtype=dtype,
+        attention_implementation=attention,
         remat=remat)
+
+
+def _added_embedding(c: dict, comp: str) -> tuple[int | None, int | None]:
+    """(addition_time_embed_dim, projection_class_embeddings_input_dim) of SDXL's "text_time" embedding, or
+    (None, None) without an added embedding."""
+    kind = c["addition_embed_type"]
+    if kind is None:
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if c[key] is not None:
+                raise _refuse(comp, key, c[key], "null without addition_embed_type")
+        return None, None
+    if kind != "text_time":
+        raise _refuse(comp, "addition_embed_type", kind, "None or 'text_time' (SDXL)")
+    dims = []
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise _refuse(comp, key, v, "a positive int with addition_embed_type 'text_time'")
+        dims.append(v)
+    if dims[1] <= dims[0]:
+        raise ValueError(f"{comp} config: projection_class_embeddings_input_dim {dims[1]} leaves no room for the "
+                         f"pooled text embedding beside time ids of addition_time_embed_dim {dims[0]}")
+    return dims[0], dims[1]
 
 
 # AutoencoderKL -------------------------------------------------------------------------------------------
@@ -199,9 +227,12 @@ CLIP_IGNORED = (
 )
 
 
-def clip_text_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None) -> CLIPTextModel:
-    """transformers' CLIPTextConfig config.json (a text_encoder folder's) -> ``CLIPTextModel``."""
-    comp = "CLIPTextModel"
+def clip_text_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = None,
+                          with_projection: bool = False) -> CLIPTextModel:
+    """transformers' CLIPTextConfig config.json (a text_encoder folder's) -> ``CLIPTextModel``, or with
+    ``with_projection`` ``CLIPTextModelWithProjection`` (SDXL's text_encoder_2: ``projection_dim`` wide,
+    512 when the config omits it, as transformers)."""
+    comp = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
     c = _read(cfg, comp, CLIP_DEFAULTS, CLIP_FIXED, CLIP_IGNORED)
     if c["hidden_act"] not in ACTIVATIONS:
         raise _refuse(comp, "hidden_act", c["hidden_act"], " or ".join(map(repr, sorted(ACTIVATIONS))))
@@ -210,8 +241,14 @@ def clip_text_from_config(cfg: dict, dtype=jnp.float32, attention: str | None = 
     if c["hidden_size"] % c["num_attention_heads"]:
         raise ValueError(f"{comp} config: hidden_size {c['hidden_size']} is not divisible into "
                          f"num_attention_heads {c['num_attention_heads']}")
-    return CLIPTextModel(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+    extra = {}
+    if with_projection:
+        dim = cfg.get("projection_dim", 512)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise _refuse(comp, "projection_dim", dim, "a positive int")
+        extra["projection_dim"] = dim
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(
+        **extra, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
         max_position_embeddings=c["max_position_embeddings"], hidden_act=c["hidden_act"],
         layer_norm_eps=float(c["layer_norm_eps"]), eos_token_id=c["eos_token_id"], dtype=dtype,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # the folders a Stable Diffusion pipeline reads (SDXL's second encoder too, if present)
@@ -101,12 +101,13 @@ def resolve(
 class PipelineIndex:
     """A checked diffusers pipeline folder: ``components`` maps each name in model_index.json
     that has a class to (library, class name); ``paths`` maps the components jaxdiff reads to
-    their folders."""
+    their folders; ``settings`` holds model_index.json's other keys (SDXL's force_zeros_for_empty_prompt)."""
 
     folder: Path
     class_name: str
     components: dict
     paths: dict
+    settings: dict = field(default_factory=dict)  # the pipeline's own settings (force_zeros_for_empty_prompt, ...)
 
     def __getitem__(self, name: str) -> Path:
         return self.paths[name]
@@ -146,7 +147,11 @@ def read_pipeline_index(folder: str | os.PathLike) -> PipelineIndex:
             continue
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
             components[name] = (value[0], value[1])
-    lacking = [c for c in COMPONENTS if c not in components]
+    required = COMPONENTS
+    if "text_encoder_2" in components and "tokenizer_2" in components:
+        # SDXL's refiner lists text_encoder and tokenizer as null: it reads only the second encoder
+        required = tuple(c for c in COMPONENTS if c not in ("text_encoder", "tokenizer"))
+    lacking = [c for c in required if c not in components]
     if lacking:
         raise PipelineLayoutError(
             f"{index_path}: lists no {', '.join(lacking)}; a Stable Diffusion pipeline needs {', '.join(COMPONENTS)} "
@@ -159,7 +164,7 @@ def read_pipeline_index(folder: str | os.PathLike) -> PipelineIndex:
                     f"{index_path}: {c} is a {components[c][1]}; jaxdiff reads {' or '.join(classes)}"
                 )
     paths = {}
-    for name in COMPONENTS + tuple(c for c in OPTIONAL_COMPONENTS if c in components):
+    for name in tuple(c for c in COMPONENTS + OPTIONAL_COMPONENTS if c in components):
         sub = folder / name
         if not sub.is_dir():
             raise PipelineLayoutError(f"{sub}: missing folder (model_index.json lists {name})")
@@ -174,6 +179,9 @@ def read_pipeline_index(folder: str | os.PathLike) -> PipelineIndex:
             if not (sub / needed).is_file():
                 raise PipelineLayoutError(f"{sub / needed}: missing")
         paths[name] = sub
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and k not in components
+                and not (isinstance(v, list) and len(v) == 2)}
     return PipelineIndex(
-        folder=folder, class_name=str(index.get("_class_name", "")), components=components, paths=paths
+        folder=folder, class_name=str(index.get("_class_name", "")), components=components, paths=paths,
+        settings=settings,
     )

@@ -224,9 +224,13 @@ def _walk(config_json: str, sampler: str, steps: int | None):
 
 def load(model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
          offline: bool | None = None) -> StableDiffusion:
-    """``model``: a diffusers Stable Diffusion folder, or a hub id fetched when online."""
-    return StableDiffusion.from_folder(folders.resolve(model, offline=offline, variant=variant), dtype=dtype,
-                                       attention=attention, variant=variant)
+    """``model``: a diffusers Stable Diffusion folder (1.x, 2.x, or SDXL base or refiner: then a
+    ``jaxdiff.pretrained.sdxl.StableDiffusionXL``), or a hub id fetched when online."""
+    root = folders.resolve(model, offline=offline, variant=variant)
+    from jaxdiff.pretrained import sdxl  # it builds on this module
+
+    cls = sdxl.StableDiffusionXL if sdxl.is_sdxl(folders.read_pipeline_index(root)) else StableDiffusion
+    return cls.from_folder(root, dtype=dtype, attention=attention, variant=variant)
 
 
 def to_nhwc(latents) -> np.ndarray:
