@@ -253,11 +253,12 @@ def judge_classes(pipe, judge, args, seed: int) -> tuple[float, np.ndarray, np.n
     return float(hit.mean()), hit.reshape(10, -1).mean(1), images
 
 
-def judge_word(pipe, judge, args, target: int, seed: int) -> tuple[float, np.ndarray]:
-    """Share of "a photo of a <word>" samples the judge calls class ``target`` (as many as judge_classes
-    draws, so the sampler's compiled program is reused)."""
+def judge_word(pipe, judge, args, target: int, seed: int) -> tuple[float, list[int], np.ndarray]:
+    """Share of "a photo of a <word>" samples the judge calls class ``target``, and how many it calls each
+    class (as many samples as judge_classes draws, so the sampler's compiled program is reused)."""
     images = sample(pipe, [word_prompt(args)] * (10 * args.per_class), args, seed)
-    return judge.accuracy(to_judged(images), np.full(len(images), target)), images
+    called = judge.logits(to_judged(images)).argmax(-1)
+    return float(np.mean(called == target)), np.bincount(called, minlength=10).tolist(), images
 
 
 def word_prompt(args) -> str:
@@ -385,7 +386,8 @@ def run(args, out):
     pipe = Pipeline.for_stable_diffusion(folder_sd)
     results["classes"], per_class, class_images = judge_classes(pipe, judge, args, args.seed + 1)
     results["per_class"] = [float(a) for a in per_class]
-    results["word_before"], before_images = judge_word(pipe, judge, args, target, args.seed + 2)
+    results["word_before"], results["word_before_called"], before_images = judge_word(pipe, judge, args, target,
+                                                                                      args.seed + 2)
     timings["judge"] = time.perf_counter() - t0
     common.note(f"judged: class accuracy of '{EVAL_TEMPLATE}' samples {results['classes']:.4f}; "
                 f"'{word_prompt(args)}' judged {args.new_class}: {results['word_before']:.4f} before the LoRA")
@@ -408,7 +410,8 @@ def run(args, out):
     sd_finetune.run(ft, run_out)
     lora_file = run_out / "pytorch_lora_weights.safetensors"
     pipe.load_lora(str(lora_file))
-    results["word_after"], after_images = judge_word(pipe, judge, args, target, args.seed + 2)
+    results["word_after"], results["word_after_called"], after_images = judge_word(pipe, judge, args, target,
+                                                                                   args.seed + 2)
     results["classes_after"], per_class_after, _ = judge_classes(pipe, judge, args, args.seed + 1)
     results["per_class_after"] = [float(a) for a in per_class_after]
     timings["lora"] = time.perf_counter() - t0
@@ -454,7 +457,9 @@ def write_outputs(args, out, r, class_images, before, after) -> None:
         *[f"| `{EVAL_TEMPLATE.format(name=n)}` | {n} | {a:.2f} |" for n, a in zip(names, r["per_class"], strict=True)],
         f"| `{word_prompt(args)}`, before the LoRA | {args.new_class} | **{r['word_before']:.4f}** |",
         f"| `{word_prompt(args)}`, after the LoRA | {args.new_class} | **{r['word_after']:.4f}** |",
-        f"| `{EVAL_TEMPLATE}`, every class, after the LoRA | its class | {r['classes_after']:.4f} |",
+        f"| `{EVAL_TEMPLATE}`, every class, after the LoRA | its class | {r['classes_after']:.4f} |", "",
+        f"What the judge called the `{word_prompt(args)}` samples (counts per class, {', '.join(names)}): before "
+        f"{r['word_before_called']}, after {r['word_after_called']}.",
     ]
     if trainer.is_writer():
         (out / "results.md").write_text("\n".join(lines) + "\n")
