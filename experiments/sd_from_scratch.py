@@ -24,6 +24,7 @@ class's prompt again after it (what the LoRA did to the rest). Writes prompts.pn
 then the new word before and after the LoRA), results.md (the table) and results.json.
 
     python -m experiments.sd_from_scratch --data-dir /usr/share/datasets/fashion-mnist --out runs/sd_from_scratch
+    (a stage cut short, e.g. by a time limit: the same command with --resume continues from its checkpoints)
     python -m experiments.sd_from_scratch --tiny --out /tmp/sd_tiny     # CPU plumbing check: tiny models, few steps
 """
 
@@ -407,8 +408,13 @@ def run(args, out):
         "--steps-per-dispatch", str(min(50, args.lora_steps)), "--save-every", str(args.lora_steps),
         "--dtype", args.dtype, "--seed", str(args.seed), *(["--resume"] if args.resume else [])])
     run_out.mkdir(parents=True, exist_ok=True)
-    sd_finetune.run(ft, run_out)
     lora_file = run_out / "pytorch_lora_weights.safetensors"
+    try:
+        sd_finetune.run(ft, run_out)
+    except common.NothingToDo:  # --resume of a run whose LoRA was trained and saved
+        if not lora_file.exists():
+            raise
+        common.note(f"LoRA: already trained ({lora_file})")
     pipe.load_lora(str(lora_file))
     results["word_after"], results["word_after_called"], after_images = judge_word(pipe, judge, args, target,
                                                                                    args.seed + 2)
