@@ -434,14 +434,21 @@ def run(args, out):
 
 
 def write_caption_folder(folder, images, caption: str) -> None:
-    """An ImageFolder: PNGs and metadata.jsonl naming each with its caption."""
+    """An ImageFolder: PNGs and metadata.jsonl naming each with its caption. Files that already hold what
+    they would get are left alone: the fine-tune's --resume checks the folder's modification times."""
+    from PIL import Image
+
     folder = epath.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, img in enumerate(images):
-        write_png(folder / f"{i:03d}.png", img)
-        rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": caption}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+        path = folder / f"{i:03d}.png"
+        if not (path.exists() and np.array_equal(np.asarray(Image.open(path).convert("RGB")), img)):
+            write_png(path, img)
+        rows.append(json.dumps({"file_name": path.name, "text": caption}))
+    meta, text = folder / "metadata.jsonl", "\n".join(rows) + "\n"
+    if not (meta.exists() and meta.read_text() == text):
+        meta.write_text(text)
 
 
 def write_outputs(args, out, r, class_images, before, after) -> None:
