@@ -19,7 +19,7 @@ included), the train state's bytes on each GPU (parameters + EMA + moments) and 
 The equality check (``--check``) runs in one process on every GPU: the same global batch through three
 steps on one GPU and on each N-GPU mesh, in float32 with XLA attention and the highest matmul precision,
 and prints the largest loss difference and the largest parameter difference as a fraction of the largest
-change the three steps made. On CPU the test suite asserts the same equality (tests/test_sharding*.py).
+change the three steps made. On CPU the test suite asserts the same equality (tests/test_sharding.py).
 """
 
 from __future__ import annotations
