@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import schedules, sigma_sampling
 from jaxdiff.pretrained.folder import read_json
 from jaxdiff.schedules import Schedule, brief
 
@@ -84,12 +84,46 @@ DPM_DEFAULTS = {
     "steps_offset": 0,
     "use_dynamic_shifting": False,
 }
+_SIGMA_KINDS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+EULER_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    **_SIGMA_KINDS,
+    "interpolation_type": "linear",
+    "sigma_min": None,
+    "sigma_max": None,
+    "timestep_spacing": "linspace",
+    "timestep_type": "discrete",
+    "steps_offset": 0,
+    "final_sigmas_type": "zero",
+}
+EULER_ANCESTRAL_DEFAULTS = {**COMMON_DEFAULTS, "timestep_spacing": "linspace", "steps_offset": 0}
+HEUN_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    **_SIGMA_KINDS,
+    "beta_start": 0.00085,  # Heun's own defaults differ from the other classes'
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
+LMS_DEFAULTS = {**COMMON_DEFAULTS, **_SIGMA_KINDS, "timestep_spacing": "linspace", "steps_offset": 0}
 # jaxdiff sampler name -> (the diffusers class it reproduces, that class's defaults)
 SAMPLERS = {
     "ddim": ("DDIMScheduler", DDIM_DEFAULTS),
     "dpm_solver_pp": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
+    # the sigma-space walks of jaxdiff.sigma_sampling (``sigma_setup``)
+    "euler_discrete": ("EulerDiscreteScheduler", EULER_DEFAULTS),
+    "euler_ancestral_discrete": ("EulerAncestralDiscreteScheduler", EULER_ANCESTRAL_DEFAULTS),
+    "heun_discrete": ("HeunDiscreteScheduler", HEUN_DEFAULTS),
+    "lms_discrete": ("LMSDiscreteScheduler", LMS_DEFAULTS),
+    # DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
+    "dpm_solver_pp_sde": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
 }
-_ALIASES = {cls: name for name, (cls, _) in SAMPLERS.items()}
+SIGMA_SAMPLERS = ("euler_discrete", "euler_ancestral_discrete", "heun_discrete", "lms_discrete", "dpm_solver_pp_sde")
+_ALIASES = {}
+for _name, (_cls, _) in SAMPLERS.items():
+    _ALIASES.setdefault(_cls, _name)  # a class names its first sampler: DPMSolverMultistepScheduler -> dpm_solver_pp
 
 # The diffusers classes (0.42.1) whose config is a discrete beta schedule read as jaxdiff reads it,
 # each with the keys its constructor takes (recorded by make_scheduler_fixtures.py; a test compares).
@@ -143,6 +177,9 @@ _TYPES = {
     "euler_at_final": _BOOL, "use_karras_sigmas": _BOOL, "use_exponential_sigmas": _BOOL, "use_beta_sigmas": _BOOL,
     "use_lu_lambdas": _BOOL, "use_flow_sigmas": _BOOL, "final_sigmas_type": _STR, "lambda_min_clipped": _REAL,
     "variance_type": (lambda v: v is None or isinstance(v, str), "null or a string"), "use_dynamic_shifting": _BOOL,
+    "interpolation_type": _STR, "timestep_type": _STR,
+    "sigma_min": (lambda v: v is None or _REAL[0](v), "null or a number"),
+    "sigma_max": (lambda v: v is None or _REAL[0](v), "null or a number"),
 }
 _warned: set[str] = set()
 
@@ -286,7 +323,32 @@ def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overri
         raise SchedulerConfigError("thresholding=True (dynamic thresholding of x0) is not supported")
     if name == "dpm_solver_pp":
         _check_dpm(settings)
+    if name == "dpm_solver_pp_sde":
+        if overrides.get("algorithm_type", "sde-dpmsolver++") != "sde-dpmsolver++":
+            raise SchedulerConfigError(f"dpm_solver_pp_sde is algorithm_type 'sde-dpmsolver++', got "
+                                       f"{overrides['algorithm_type']!r}")
+        settings["algorithm_type"] = "sde-dpmsolver++"  # what from_config(config, algorithm_type=...) does
+    if name in SIGMA_SAMPLERS:
+        _check_sigma(name, settings)
     return settings
+
+
+def _check_sigma(name: str, s: dict) -> None:
+    """Refuse what jaxdiff's sigma walks do not reproduce."""
+    want = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "interpolation_type": "linear",
+            "timestep_type": "discrete", "use_lu_lambdas": False, "use_flow_sigmas": False,
+            "use_dynamic_shifting": False, "solver_order": 2, "variance_type": None}
+    for key, value in want.items():
+        if key in SAMPLERS[name][1] and s[key] != value:
+            raise SchedulerConfigError(
+                f"{name} setting {key}={s[key]!r} is not supported (jaxdiff needs {key}={value!r})")
+    if s["timestep_spacing"] not in ("linspace", "leading", "trailing"):
+        raise SchedulerConfigError(
+            f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {s['timestep_spacing']!r}")
+    if s.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
+        raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
+    if name == "dpm_solver_pp_sde" and s["solver_type"] not in ("midpoint", "heun"):
+        raise SchedulerConfigError(f"solver_type must be 'midpoint' or 'heun', got {s['solver_type']!r}")
 
 
 def _check_dpm(s: dict) -> None:
@@ -341,6 +403,8 @@ def sampler_setup(
     the network and returns the sample unchanged) is dropped.
     """
     name = _sampler_name(sampler)
+    if name in SIGMA_SAMPLERS:
+        raise SchedulerConfigError(f"{name} walks sigmas, not an integer grid: see sigma_setup")
     settings = sampler_settings(config, name, **overrides)
     T = settings["num_train_timesteps"]
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
@@ -431,6 +495,58 @@ def _dpm_grid(s: dict, T: int, steps: int, spacing: str, offset: int) -> tuple[n
 def _betas_for_clip(s: dict) -> np.ndarray:
     # only the schedule's keys: the rest were checked (and any unknown one named) when the config was read
     return np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).betas, np.float64)
+
+
+class SigmaSetup(NamedTuple):
+    """What a ``jaxdiff.sigma_sampling`` sampler needs to reproduce one diffusers scheduler run: the
+    ``walk``, the network's ``prediction`` type, ``clip_x0`` (Heun's ``clip_sample``) and ``options``,
+    the sampler's own keywords (DPM-Solver SDE: ``final_first_order``, ``solver_type``)."""
+
+    walk: Any
+    prediction: str
+    clip_x0: float | None
+    options: dict
+    settings: dict
+
+
+KARRAS_SUFFIX = "_karras"
+
+
+def sigma_setup(config: str | os.PathLike | Mapping, steps: int, sampler: str, **overrides) -> SigmaSetup:
+    """The walk diffusers' ``<Sampler>.from_config(config, **overrides)`` takes at ``steps`` steps, for a
+    sampler of ``SIGMA_SAMPLERS`` (or its diffusers class name); a name ending in "_karras" adds
+    ``use_karras_sigmas=True``. The betas are the resolved settings' (Heun's class defaults differ)."""
+    if isinstance(sampler, str) and sampler.endswith(KARRAS_SUFFIX):
+        sampler = sampler[: -len(KARRAS_SUFFIX)]
+        overrides = {**overrides, "use_karras_sigmas": True}
+    name = _sampler_name(sampler)
+    if name not in SIGMA_SAMPLERS:
+        raise SchedulerConfigError(f"sigma_setup is for {', '.join(SIGMA_SAMPLERS)}, got {sampler!r}")
+    s = sampler_settings(config, name, **overrides)
+    T = s["num_train_timesteps"]
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise SchedulerConfigError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
+    alpha_bars = np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).alpha_bars)
+    karras = bool(s.get("use_karras_sigmas", False))
+    options: dict = {}
+    try:
+        if name == "dpm_solver_pp_sde":
+            taus = None if karras else _dpm_grid(s, T, int(steps), s["timestep_spacing"], s["steps_offset"])[0]
+            walk = sigma_sampling.dpm_walk(alpha_bars, int(steps), taus=taus, karras=karras,
+                                           final_sigma=s["final_sigmas_type"],
+                                           round_times=s["beta_schedule"] != "squaredcos_cap_v2")
+            options = {"final_first_order": bool(s["final_sigmas_type"] == "zero" or s["euler_at_final"]
+                                                  or (s["lower_order_final"] and walk.steps < 15)),
+                       "solver_type": s["solver_type"]}
+        else:
+            walk = sigma_sampling.euler_walk(alpha_bars, int(steps), spacing=s["timestep_spacing"],
+                                             offset=s["steps_offset"], karras=karras,
+                                             final_sigma=s.get("final_sigmas_type", "zero"),
+                                             sigma_min=s.get("sigma_min"), sigma_max=s.get("sigma_max"))
+    except ValueError as err:
+        raise SchedulerConfigError(f"{name}: {err}") from None
+    clip = float(s["clip_sample_range"]) if s.get("clip_sample") and name == "heun_discrete" else None
+    return SigmaSetup(walk, prediction_type(s), clip, options, s)
 
 
 def describe(setup: SamplerSetup) -> dict[str, Any]:
