@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxdiff import conditions, guidance, sampling, specs
+from jaxdiff import conditions, guidance, sampling, sigma_sampling, specs
 from jaxdiff.checkpoint import CheckpointError, Checkpoints
 from jaxdiff.data import to_uint8
 from jaxdiff.schedules import add_noise
@@ -133,7 +133,7 @@ class Pipeline:
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
                  classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
-                 encode=None, grid=None, sampler_options=None):
+                 encode=None, grid=None, sampler_options=None, model_output=None):
         self.eps_model, self.params, self.schedule, self.condition = eps_model, params, schedule, condition
         self.sample_shape, self.decode, self.spec = tuple(sample_shape), decode, spec
         self.classifier, self.default_gamma, self.clip_x0 = classifier, default_gamma, clip_x0
@@ -143,6 +143,9 @@ class Pipeline:
         # sampler_options(sampler, steps) -> the settings besides the grid that reproduce a scheduler
         # config (DDIM's clip_x0, DPM-Solver++'s final_first_order); an explicit clip_x0 overrides its
         self.sampler_options = sampler_options
+        # model_output(params, x_t, t, c): the network's raw output (v for a v-prediction U-Net), for the
+        # sigma_sampling samplers, which convert it at their own sigma
+        self.model_output = model_output
         # the U-Net's compute dtype: its float32 parameters are cast once per call, before the sampling
         # loop, rather than by every layer at every step (XLA left those casts in the loop)
         self.compute_dtype = None
@@ -234,7 +237,7 @@ class Pipeline:
         return cls(sd.eps_model, sd.params, sd.schedule, sd.condition(), (None, None, sd.latent_channels),
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=7.5, clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
-                   sampler_options=sd.sampler_options)
+                   sampler_options=sd.sampler_options, model_output=sd.model_output)
 
     @classmethod
     def _text_from_run(cls, root: epath.Path, dtype) -> Pipeline:
@@ -272,7 +275,7 @@ class Pipeline:
         """
         # a sampler of one's own: any function with the samplers' keyword signature (key, steps,
         # timesteps, clip_x0), e.g. a step function run by sampling.sample_loop
-        info = sampling.get(sampler) if not callable(sampler) else sampling.SamplerInfo(
+        info = self._sampler_info(sampler) if not callable(sampler) else sampling.SamplerInfo(
             getattr(sampler, "__name__", "custom"), sampler, 20, stochastic=True)
         seed = check_seed(seed)
         steps = None if info.default_steps is None else sampling.check_steps(
@@ -315,6 +318,18 @@ class Pipeline:
         if not finite.all():
             raise NonFiniteSample(self._stages(image is not None)[int(np.argmin(finite))])
         return out
+
+    def _sampler_info(self, name) -> sampling.SamplerInfo:
+        """A jaxdiff sampler, or a diffusers walk of ``sigma_sampling`` where the pipeline has a scheduler config."""
+        if name not in sigma_sampling.SAMPLERS:
+            if name not in sampling.SAMPLERS:
+                raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(sampling.SAMPLERS)} or "
+                                 f"{tuple(sigma_sampling.SAMPLERS)}")
+            return sampling.SAMPLERS[name]
+        if self.sampler_options is None or self.model_output is None:
+            raise ValueError(f"sampler {name!r} walks a diffusers scheduler config, which this pipeline lacks "
+                             f"(it is for Stable Diffusion folders); use one of {tuple(sampling.SAMPLERS)}")
+        return sigma_sampling.SAMPLERS[name]
 
     def _stages(self, with_image: bool) -> list[str]:
         """The stages ``_generate`` checks for NaN and inf, in the order it computes them."""
@@ -441,7 +456,9 @@ class Pipeline:
             x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
         finite = [_all_finite((cond, uncond))] + ([_all_finite(z0)] if image is not None else [])
-        model = lambda x, t, c: self.eps_model(params, x, t, c)
+        walk = isinstance(sampler, str) and sampler in sigma_sampling.SAMPLERS  # converts the raw output itself
+        network = self.model_output if walk else self.eps_model
+        model = lambda x, t, c: network(params, x, t, c)
         if self.classifier is None:
             eps_fn = guidance.cfg(model, cond, uncond, gamma)
         else:
@@ -451,6 +468,9 @@ class Pipeline:
         timesteps = None if grid is None else np.asarray(grid, np.int32)
         if callable(sampler):
             x0 = sampler(eps_fn, self.schedule, x_T, key=run_keys, steps=steps, timesteps=timesteps, clip_x0=clip_x0)
+        elif walk:
+            x0 = sigma_sampling.SAMPLERS[sampler].fn(eps_fn, self.schedule, x_T, key=run_keys, clip_x0=clip_x0,
+                                                     **dict(options))
         else:
             x0 = sampling.run(sampler, eps_fn, self.schedule, x_T, key=run_keys, steps=steps, eta=eta, clip_x0=clip_x0,
                               timesteps=timesteps, **dict(options))

@@ -29,6 +29,7 @@ diffusers drew, to reproduce a run exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -164,15 +165,17 @@ def dpm_walk(alpha_bars, steps: int, *, taus=None, karras: bool = False, final_s
 # ----------------------------------------------------------------------------- samplers
 
 
-def _setup(name, schedule, x_T, walk, steps, timesteps, prediction, clip_x0, build):
-    """The checked walk (``build(alpha_bars, steps)`` when none is given) and clip_x0."""
+def _setup(name, schedule, x_T, walk, steps, timesteps, prediction, clip_x0, build, karras=False):
+    """The checked walk (``build(alpha_bars, steps, karras=karras)`` when none is given) and clip_x0."""
     clip_x0 = sampling._check_common(x_T, clip_x0)
     if timesteps is not None:
         raise ValueError(f"{name} walks sigmas, not an integer grid: pass walk= (a SigmaWalk), not timesteps=")
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if walk is None:
-        walk = build(np.asarray(schedule.alpha_bars), sampling.check_steps(steps))
+        if schedule is None:
+            raise ValueError(f"{name} needs a schedule to build its walk from, or walk=")
+        walk = build(np.asarray(schedule.alpha_bars), sampling.check_steps(steps), karras=bool(karras))
     elif not isinstance(walk, SigmaWalk):
         raise ValueError(f"walk must be a SigmaWalk, got {type(walk).__name__}")
     sig = np.asarray(walk.sigmas, np.float64)
@@ -210,11 +213,12 @@ def _noise_inputs(noise, n, x_T, key, name):
 
 
 def euler_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
-                   walk: SigmaWalk | None = None, prediction: str = "epsilon", clip_x0=None,
+                   walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False, clip_x0=None,
                    return_trajectory: bool = False):
     """diffusers' ``EulerDiscreteScheduler`` (without churn): x += (x - x0) / sigma_i (sigma_{i+1} - sigma_i).
     One network evaluation per step; default walk: ``euler_walk`` with diffusers' class defaults."""
-    walk, clip_x0 = _setup("euler_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk)
+    walk, clip_x0 = _setup("euler_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk,
+                           karras)
     s = np.asarray(walk.sigmas, np.float64)
     inputs = dict(t=_f32(walk.t), sigma=_f32(s[:-1]), c_in=_f32(1 / np.sqrt(s[:-1] ** 2 + 1)), dt=_f32(s[1:] - s[:-1]))
 
@@ -226,13 +230,13 @@ def euler_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 
 
 
 def euler_ancestral_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
-                             walk: SigmaWalk | None = None, prediction: str = "epsilon", clip_x0=None, noise=None,
-                             return_trajectory: bool = False):
+                             walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False,
+                             clip_x0=None, noise=None, return_trajectory: bool = False):
     """diffusers' ``EulerAncestralDiscreteScheduler``: Euler down to sigma_down, then fresh noise up to
     sigma_{i+1}: sigma_up = sigma_{i+1} sqrt(1 - sigma_{i+1}^2 / sigma_i^2), sigma_down =
     sigma_{i+1}^2 / sigma_i. One evaluation per step; noise every step (times 0 at the last)."""
     walk, clip_x0 = _setup("euler_ancestral_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0,
-                           euler_walk)
+                           euler_walk, karras)
     s = np.asarray(walk.sigmas, np.float64)
     s_from, s_to = s[:-1], s[1:]
     up = s_to * np.sqrt(1 - s_to**2 / s_from**2)
@@ -252,13 +256,14 @@ def euler_ancestral_discrete(model_fn, schedule: Schedule, x_T, *, key=None, ste
 
 
 def heun_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
-                  walk: SigmaWalk | None = None, prediction: str = "epsilon", clip_x0=None,
+                  walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False, clip_x0=None,
                   return_trajectory: bool = False):
     """diffusers' ``HeunDiscreteScheduler``: an Euler step to sigma_{i+1}, then the network there and the
     mean of the two slopes from the start; the last step (to sigma 0) stays Euler. As diffusers, the scan
     runs one evaluation per iteration, 2 steps - 1 in all (the trajectory has one sample per
     evaluation: each Euler guess, then the corrected sample)."""
-    walk, clip_x0 = _setup("heun_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk)
+    walk, clip_x0 = _setup("heun_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk,
+                           karras)
     s = np.asarray(walk.sigmas, np.float64)
     n = walk.steps
     t = np.asarray(walk.t, np.float64)
@@ -308,11 +313,12 @@ def lms_coefficients(sigmas, order: int = LMS_ORDER) -> np.ndarray:
 
 
 def lms_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
-                 walk: SigmaWalk | None = None, prediction: str = "epsilon", clip_x0=None, order: int = LMS_ORDER,
-                 return_trajectory: bool = False):
+                 walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False, clip_x0=None,
+                 order: int = LMS_ORDER, return_trajectory: bool = False):
     """diffusers' ``LMSDiscreteScheduler``: x += sum_j c_ij slope_{i-j} over the last ``order`` slopes
     (x - x0) / sigma, the weights from ``lms_coefficients``. One evaluation per step."""
-    walk, clip_x0 = _setup("lms_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk)
+    walk, clip_x0 = _setup("lms_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk,
+                           karras)
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= order <= 4:
         raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
     s = np.asarray(walk.sigmas, np.float64)
@@ -363,14 +369,15 @@ def dpm_sde_coefficients(sigmas, *, final_first_order: bool, solver_type: str = 
 
 
 def dpm_solver_pp_sde(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
-                      walk: SigmaWalk | None = None, prediction: str = "epsilon", clip_x0=None, noise=None,
-                      final_first_order: bool | None = None, solver_type: str = "midpoint",
+                      walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False,
+                      clip_x0=None, noise=None, final_first_order: bool | None = None, solver_type: str = "midpoint",
                       return_trajectory: bool = False):
     """diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type="sde-dpmsolver++"``, order 2
     (see ``dpm_sde_coefficients``). x0 = (x - s eps) / alpha, or alpha x - s v. One evaluation per step;
     noise every step. ``final_first_order`` None: as diffusers' defaults (``lower_order_final``) decide,
     first order for a walk to 0 or one under 15 steps."""
-    walk, clip_x0 = _setup("dpm_solver_pp_sde", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, dpm_walk)
+    walk, clip_x0 = _setup("dpm_solver_pp_sde", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, dpm_walk,
+                           karras)
     if final_first_order is None:
         final_first_order = walk.sigmas[-1] == 0 or walk.steps < 15
     if not isinstance(final_first_order, (bool, np.bool_)):
@@ -416,13 +423,18 @@ class WalkSamplerInfo(sampling.SamplerInfo):
         return self.evals_per_step * n - self.saved_at_end
 
 
-SAMPLERS = {
-    info.name: info
-    for info in [
-        WalkSamplerInfo("euler_discrete", euler_discrete, 50, stochastic=False),
-        WalkSamplerInfo("euler_ancestral_discrete", euler_ancestral_discrete, 50, stochastic=True),
-        WalkSamplerInfo("heun_discrete", heun_discrete, 50, stochastic=False, evals_per_step=2, saved_at_end=1),
-        WalkSamplerInfo("lms_discrete", lms_discrete, 50, stochastic=False),
-        WalkSamplerInfo("dpm_solver_pp_sde", dpm_solver_pp_sde, 50, stochastic=True),
-    ]
+_BASE = [
+    WalkSamplerInfo("euler_discrete", euler_discrete, 50, stochastic=False),
+    WalkSamplerInfo("euler_ancestral_discrete", euler_ancestral_discrete, 50, stochastic=True),
+    WalkSamplerInfo("heun_discrete", heun_discrete, 50, stochastic=False, evals_per_step=2, saved_at_end=1),
+    WalkSamplerInfo("lms_discrete", lms_discrete, 50, stochastic=False),
+    WalkSamplerInfo("dpm_solver_pp_sde", dpm_solver_pp_sde, 50, stochastic=True),
+]
+KARRAS_SUFFIX = "_karras"
+# name -> info, 50 steps by default as diffusers' pipelines; "<name>_karras" is the same sampler on Karras
+# sigmas (diffusers' use_karras_sigmas=True), but for Euler ancestral, whose class has no such setting
+SAMPLERS = {info.name: info for info in _BASE} | {
+    info.name + KARRAS_SUFFIX: dataclasses.replace(info, name=info.name + KARRAS_SUFFIX,
+                                                   fn=functools.partial(info.fn, karras=True))
+    for info in _BASE if info.name != "euler_ancestral_discrete"
 }

@@ -345,7 +345,7 @@ def _check_sigma(name: str, s: dict) -> None:
     if s["timestep_spacing"] not in ("linspace", "leading", "trailing"):
         raise SchedulerConfigError(
             f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {s['timestep_spacing']!r}")
-    if s.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
+    if "final_sigmas_type" in SAMPLERS[name][1] and s["final_sigmas_type"] not in ("zero", "sigma_min"):
         raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
     if name == "dpm_solver_pp_sde" and s["solver_type"] not in ("midpoint", "heun"):
         raise SchedulerConfigError(f"solver_type must be 'midpoint' or 'heun', got {s['solver_type']!r}")
@@ -509,43 +509,49 @@ class SigmaSetup(NamedTuple):
     settings: dict
 
 
-KARRAS_SUFFIX = "_karras"
-
-
 def sigma_setup(config: str | os.PathLike | Mapping, steps: int, sampler: str, **overrides) -> SigmaSetup:
     """The walk diffusers' ``<Sampler>.from_config(config, **overrides)`` takes at ``steps`` steps, for a
     sampler of ``SIGMA_SAMPLERS`` (or its diffusers class name); a name ending in "_karras" adds
-    ``use_karras_sigmas=True``. The betas are the resolved settings' (Heun's class defaults differ)."""
-    if isinstance(sampler, str) and sampler.endswith(KARRAS_SUFFIX):
-        sampler = sampler[: -len(KARRAS_SUFFIX)]
+    ``use_karras_sigmas=True``. The betas are the resolved settings' (Heun's class defaults differ).
+    A key the class does not take (Euler ancestral's ``use_karras_sigmas``) is ignored when the config
+    has it, as diffusers ignores it, and refused when asked for."""
+    if isinstance(sampler, str) and sampler.endswith(sigma_sampling.KARRAS_SUFFIX):
+        sampler = sampler[: -len(sigma_sampling.KARRAS_SUFFIX)]
         overrides = {**overrides, "use_karras_sigmas": True}
     name = _sampler_name(sampler)
     if name not in SIGMA_SAMPLERS:
         raise SchedulerConfigError(f"sigma_setup is for {', '.join(SIGMA_SAMPLERS)}, got {sampler!r}")
+    own = SAMPLERS[name][1]
+    for key in overrides:
+        if key not in own and key in ("use_karras_sigmas", "final_sigmas_type", "sigma_min", "sigma_max"):
+            raise SchedulerConfigError(f"{SAMPLERS[name][0]} has no setting {key!r}")
     s = sampler_settings(config, name, **overrides)
+
+    def get(key, otherwise):
+        return s[key] if key in own else otherwise
+
     T = s["num_train_timesteps"]
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
         raise SchedulerConfigError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
     alpha_bars = np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).alpha_bars)
-    karras = bool(s.get("use_karras_sigmas", False))
+    karras = bool(get("use_karras_sigmas", False))
+    final = get("final_sigmas_type", "zero")
     options: dict = {}
     try:
         if name == "dpm_solver_pp_sde":
             taus = None if karras else _dpm_grid(s, T, int(steps), s["timestep_spacing"], s["steps_offset"])[0]
-            walk = sigma_sampling.dpm_walk(alpha_bars, int(steps), taus=taus, karras=karras,
-                                           final_sigma=s["final_sigmas_type"],
+            walk = sigma_sampling.dpm_walk(alpha_bars, int(steps), taus=taus, karras=karras, final_sigma=final,
                                            round_times=s["beta_schedule"] != "squaredcos_cap_v2")
-            options = {"final_first_order": bool(s["final_sigmas_type"] == "zero" or s["euler_at_final"]
+            options = {"final_first_order": bool(final == "zero" or s["euler_at_final"]
                                                   or (s["lower_order_final"] and walk.steps < 15)),
                        "solver_type": s["solver_type"]}
         else:
             walk = sigma_sampling.euler_walk(alpha_bars, int(steps), spacing=s["timestep_spacing"],
-                                             offset=s["steps_offset"], karras=karras,
-                                             final_sigma=s.get("final_sigmas_type", "zero"),
-                                             sigma_min=s.get("sigma_min"), sigma_max=s.get("sigma_max"))
+                                             offset=s["steps_offset"], karras=karras, final_sigma=final,
+                                             sigma_min=get("sigma_min", None), sigma_max=get("sigma_max", None))
     except ValueError as err:
         raise SchedulerConfigError(f"{name}: {err}") from None
-    clip = float(s["clip_sample_range"]) if s.get("clip_sample") and name == "heun_discrete" else None
+    clip = float(s["clip_sample_range"]) if get("clip_sample", False) else None
     return SigmaSetup(walk, prediction_type(s), clip, options, s)
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import conditions, specs
+from jaxdiff import conditions, sigma_sampling, specs
 from jaxdiff.parametrization import eps_from_v
 from jaxdiff.pretrained import folder as folders
 from jaxdiff.pretrained import save, scheduler, weights
@@ -80,10 +80,15 @@ class StableDiffusion:
         ({"unet": trained}), the rest this model's; ``dtype`` casts floating tensors."""
         return save.save_pretrained(self, folder, params=params, dtype=dtype)
 
+    def model_output(self, params, z, t, context):
+        """The U-Net's raw output (eps, or v for a v-prediction U-Net) at jaxdiff's t, integer or
+        fractional (the U-Net reads diffusers' t - 1): what the sigma-space samplers convert themselves."""
+        return self.unet.apply(params["unet"], z, t - 1, None, context)
+
     def eps_model(self, params, z, t, context):
-        """eps of the latents z_t at jaxdiff's t (the U-Net reads diffusers' t - 1); a v-prediction
-        U-Net's output converted to eps."""
-        out = self.unet.apply(params["unet"], z, t - 1, None, context)
+        """eps of the latents z_t at jaxdiff's integer t (the U-Net reads diffusers' t - 1); a
+        v-prediction U-Net's output converted to eps."""
+        out = self.model_output(params, z, t, context)
         if self.prediction == "v_prediction":
             out = eps_from_v(z, out, alpha_bar=self.schedule.alpha_bar(t))
         return out
@@ -113,7 +118,11 @@ class StableDiffusion:
     def sampler_options(self, sampler: str, steps: int) -> dict:
         """The settings besides the grid with which jaxdiff's ``sampler`` reproduces diffusers' run
         (``sampler_setup``'s flags): DDIM's ``clip_x0`` (``clip_sample``, in latent space as diffusers
-        clips), DPM-Solver++'s ``final_first_order``; {} for samplers without a diffusers twin."""
+        clips), DPM-Solver++'s ``final_first_order``; for a ``sigma_sampling`` sampler its walk and
+        ``prediction`` (``scheduler.sigma_setup``); {} for samplers without a diffusers twin."""
+        if sampler in sigma_sampling.SAMPLERS:  # a walk, the U-Net's prediction type, Heun's clip, DPM's flags
+            setup = _sigma_setup(_frozen(self.scheduler_config), sampler, steps)
+            return {"walk": setup.walk, "prediction": setup.prediction, "clip_x0": setup.clip_x0, **setup.options}
         if sampler not in DIFFUSERS_SAMPLERS:
             return {}
         _, clip_x0, final_first_order = _setup(_frozen(self.scheduler_config), DIFFUSERS_SAMPLERS[sampler], steps)
@@ -206,6 +215,12 @@ def _setup(config_json: str, sampler: str, steps: int) -> tuple:
         print(f"warning: {err}; using the listed timesteps, which differs from diffusers here", file=sys.stderr)
         setup = scheduler.sampler_setup(config, steps, sampler, strict=False)
     return tuple(int(t) for t in setup.timesteps), setup.clip_x0, setup.final_first_order
+
+
+@lru_cache(maxsize=64)
+def _sigma_setup(config_json: str, sampler: str, steps: int) -> scheduler.SigmaSetup:
+    """``scheduler.sigma_setup``, cached (its walk is hashable: tuples)."""
+    return scheduler.sigma_setup(json.loads(config_json), steps, sampler)
 
 
 def load(model, *, dtype=jnp.float32, attention: str | None = None, variant: str | None = None,
