@@ -1,9 +1,9 @@
 """diffusers' sigma-space schedulers, walked as diffusers walks them: Euler, Euler ancestral, Heun, LMS
 (``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``HeunDiscreteScheduler``,
-``LMSDiscreteScheduler``) and DPM-Solver++(2M) SDE (``DPMSolverMultistepScheduler`` with
-``algorithm_type="sde-dpmsolver++"``), each one ``sampling.sample_loop`` over coefficients computed
-beforehand in float64 NumPy. jaxdiff's research samplers (``sampling.euler`` and friends, on jaxdiff's
-integer grids) are a separate family and stay as they are.
+``LMSDiscreteScheduler``) and DPM-Solver++(2M), SDE and not (``DPMSolverMultistepScheduler`` with
+``algorithm_type="sde-dpmsolver++"`` or "dpmsolver++", Karras sigmas included), each one
+``sampling.sample_loop`` over coefficients computed beforehand in float64 NumPy. jaxdiff's research
+samplers (``sampling.euler`` and friends, on jaxdiff's integer grids) are a separate family.
 
 The walk (``SigmaWalk``): the noise levels sigma = sqrt((1 - abar) / abar) a run steps through (its
 last is the endpoint, 0 or sigma_min), the network time at each evaluation, and the factor diffusers'
@@ -337,12 +337,13 @@ def lms_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50
     return sampling.sample_loop(step, x_start, inputs, carry=history, return_trajectory=return_trajectory)
 
 
-def dpm_sde_coefficients(sigmas, *, final_first_order: bool, solver_type: str = "midpoint") -> dict:
-    """Per-step coefficients of DPM-Solver++(2M) SDE on the levels ``sigmas`` (endpoint last), in float64:
+def dpm_coefficients(sigmas, *, final_first_order: bool, solver_type: str = "midpoint", sde: bool = True) -> dict:
+    """Per-step coefficients of DPM-Solver++(2M) on the levels ``sigmas`` (endpoint last), in float64:
     x' = a x + b (x0 + w (x0 - x0_prev)) + c z, with alpha = 1 / sqrt(sigma^2 + 1), s = sigma alpha,
-    h = log(sigma_i / sigma_{i+1}): a = s'/s e^-h, b = alpha' (1 - e^-2h), c = s' sqrt(1 - e^-2h);
-    w = h / (2 h_prev) ("midpoint") or from (1 - e^-2h) / (-2h) + 1 ("heun"), 0 on first-order steps
-    (the first, a step to sigma 0, and the last with ``final_first_order``)."""
+    h = log(sigma_i / sigma_{i+1}) the step in log-SNR / 2. ``sde`` (2M SDE): a = s'/s e^-h,
+    b = alpha' (1 - e^-2h), c = s' sqrt(1 - e^-2h); else (the ODE solver) a = s'/s, b = alpha' (1 - e^-h),
+    c = 0. w = h / (2 h_prev) ("midpoint"), or from diffusers' "heun" correction term; 0 on first-order
+    steps (the first, a step to sigma 0, and the last with ``final_first_order``)."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     s = np.asarray(sigmas, np.float64)
@@ -353,9 +354,11 @@ def dpm_sde_coefficients(sigmas, *, final_first_order: bool, solver_type: str = 
     to_zero = s_j == 0
     with np.errstate(divide="ignore"):
         h = np.where(to_zero, np.inf, np.log(s_i / np.where(to_zero, 1.0, s_j)))
-    a = (s_j * alpha_j) / (s_i * alpha_i) * r
-    b = alpha_j * (1 - r**2)
-    c = s_j * alpha_j * np.sqrt(1 - r**2)
+    ratio = (s_j * alpha_j) / (s_i * alpha_i)
+    if sde:
+        a, b, c = ratio * r, alpha_j * (1 - r**2), s_j * alpha_j * np.sqrt(1 - r**2)
+    else:
+        a, b, c = ratio, alpha_j * (1 - r), np.zeros(n)
     h_prev = np.concatenate([[1.0], h[:-1]])
     second = (np.arange(n) > 0) & ~to_zero
     if final_first_order:
@@ -363,30 +366,29 @@ def dpm_sde_coefficients(sigmas, *, final_first_order: bool, solver_type: str = 
     with np.errstate(invalid="ignore", divide="ignore"):
         if solver_type == "midpoint":
             w = 0.5 * h / h_prev
-        else:
+        elif sde:
             w = alpha_j * ((1 - r**2) / (-2 * h) + 1) * h / (b * h_prev)
+        else:
+            w = alpha_j * ((r - 1) / h + 1) * h / (b * h_prev)
     return dict(a=a, b=b, c=c, w=np.where(second, w, 0.0), alpha=alpha_i, s=s_i * alpha_i)
 
 
-def dpm_solver_pp_sde(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
-                      walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False,
-                      clip_x0=None, noise=None, final_first_order: bool | None = None, solver_type: str = "midpoint",
-                      return_trajectory: bool = False):
-    """diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type="sde-dpmsolver++"``, order 2
-    (see ``dpm_sde_coefficients``). x0 = (x - s eps) / alpha, or alpha x - s v. One evaluation per step;
-    noise every step. ``final_first_order`` None: as diffusers' defaults (``lower_order_final``) decide,
-    first order for a walk to 0 or one under 15 steps."""
-    walk, clip_x0 = _setup("dpm_solver_pp_sde", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, dpm_walk,
-                           karras)
+def _dpm(name, sde, model_fn, schedule, x_T, key, steps, timesteps, walk, prediction, karras, clip_x0, noise,
+         final_first_order, solver_type, return_trajectory):
+    walk, clip_x0 = _setup(name, schedule, x_T, walk, steps, timesteps, prediction, clip_x0, dpm_walk, karras)
     if final_first_order is None:
         final_first_order = walk.sigmas[-1] == 0 or walk.steps < 15
     if not isinstance(final_first_order, (bool, np.bool_)):
         raise ValueError(f"final_first_order must be True, False or None, got {final_first_order!r}")
-    coef = dpm_sde_coefficients(walk.sigmas, final_first_order=bool(final_first_order), solver_type=solver_type)
+    coef = dpm_coefficients(walk.sigmas, final_first_order=bool(final_first_order), solver_type=solver_type,
+                            sde=sde)
     inputs = {k: _f32(v) for k, v in coef.items()} | {"t": _f32(walk.t)}
-    draws, key = _noise_inputs(noise, walk.steps, x_T, key, "dpm_solver_pp_sde")
-    if draws is not None:
-        inputs["noise"] = draws
+    if sde:
+        draws, key = _noise_inputs(noise, walk.steps, x_T, key, name)
+        if draws is not None:
+            inputs["noise"] = draws
+    else:
+        key = None
     x_start = _start(x_T, walk)
 
     def step(x, x0_prev, c, k):
@@ -394,11 +396,36 @@ def dpm_solver_pp_sde(model_fn, schedule: Schedule, x_T, *, key=None, steps: int
         x0 = (x - c["s"] * out) / c["alpha"] if prediction == "epsilon" else c["alpha"] * x - c["s"] * out
         if clip_x0 is not None:
             x0 = jnp.clip(x0, -clip_x0, clip_x0)
-        z = c["noise"].astype(x.dtype) if "noise" in c else sampling.noise_like(k, x)
-        return c["a"] * x + c["b"] * (x0 + c["w"] * (x0 - x0_prev)) + c["c"] * z, x0
+        x_next = c["a"] * x + c["b"] * (x0 + c["w"] * (x0 - x0_prev))
+        if sde:
+            x_next = x_next + c["c"] * (c["noise"].astype(x.dtype) if "noise" in c else sampling.noise_like(k, x))
+        return x_next, x0
 
     return sampling.sample_loop(step, x_start, inputs, key=key, carry=jnp.zeros_like(x_start),
                                 return_trajectory=return_trajectory)
+
+
+def dpm_solver_pp_sde(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
+                      walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False,
+                      clip_x0=None, noise=None, final_first_order: bool | None = None, solver_type: str = "midpoint",
+                      return_trajectory: bool = False):
+    """diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type="sde-dpmsolver++"``, order 2
+    (see ``dpm_coefficients``). x0 = (x - s eps) / alpha, or alpha x - s v. One evaluation per step;
+    noise every step. ``final_first_order`` None: as diffusers' defaults (``lower_order_final``) decide,
+    first order for a walk to 0 or one under 15 steps."""
+    return _dpm("dpm_solver_pp_sde", True, model_fn, schedule, x_T, key, steps, timesteps, walk, prediction, karras,
+                clip_x0, noise, final_first_order, solver_type, return_trajectory)
+
+
+def dpm_solver_pp_2m(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
+                     walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False,
+                     clip_x0=None, final_first_order: bool | None = None, solver_type: str = "midpoint",
+                     return_trajectory: bool = False):
+    """diffusers' ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``, order 2) on its sigma
+    walk, Karras sigmas included (``sampling.dpm_solver_pp`` walks integer grids only); deterministic.
+    One evaluation per step."""
+    return _dpm("dpm_solver_pp_2m", False, model_fn, schedule, x_T, key, steps, timesteps, walk, prediction, karras,
+                clip_x0, None, final_first_order, solver_type, return_trajectory)
 
 
 def _start(x_T, walk: SigmaWalk):
@@ -429,6 +456,7 @@ _BASE = [
     WalkSamplerInfo("heun_discrete", heun_discrete, 50, stochastic=False, evals_per_step=2, saved_at_end=1),
     WalkSamplerInfo("lms_discrete", lms_discrete, 50, stochastic=False),
     WalkSamplerInfo("dpm_solver_pp_sde", dpm_solver_pp_sde, 50, stochastic=True),
+    WalkSamplerInfo("dpm_solver_pp_2m", dpm_solver_pp_2m, 50, stochastic=False),
 ]
 KARRAS_SUFFIX = "_karras"
 # name -> info, 50 steps by default as diffusers' pipelines; "<name>_karras" is the same sampler on Karras

@@ -1,7 +1,7 @@
 """diffusers' sigma-space schedulers in jaxdiff (``jaxdiff.sigma_sampling``), against diffusers' recorded runs.
 
 tests/fixtures/make_ksched_fixtures.py ran EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-HeunDiscreteScheduler, LMSDiscreteScheduler and DPMSolverMultistepScheduler("sde-dpmsolver++") swapped into
+HeunDiscreteScheduler, LMSDiscreteScheduler and DPMSolverMultistepScheduler (2M, and 2M SDE) swapped into
 SD 1.5's and SD 2.1's (v-prediction) scheduler configs, at 20 steps and short runs, Karras sigmas on and
 off, the three timestep spacings, final_sigmas_type, and recorded their timesteps, sigmas, init_noise_sigma
 and the samples of a run driven by a fixed analytic network (with the noise it drew). Measured: walks on
@@ -72,8 +72,9 @@ SAMPLED = [r for r in RUNS if (r["config"], r["steps"], r["overrides"]) == ("sd2
                ("sd15", "euler_discrete", 7, {"use_karras_sigmas": True}),
                ("sd15", "dpm_solver_pp_sde", 10, {"final_sigmas_type": "sigma_min"}),
                ("sd15", "dpm_solver_pp_sde", 20, {"final_sigmas_type": "sigma_min", "euler_at_final": True}),
+               ("sd15", "dpm_solver_pp_2m", 10, {"solver_type": "heun", "use_karras_sigmas": True}),
            ]]
-assert len(SAMPLED) == 8
+assert len(SAMPLED) == 10
 
 
 @pytest.mark.parametrize("r", SAMPLED, ids=[run_id(r) for r in SAMPLED])
@@ -98,7 +99,7 @@ def test_runs_equal_diffusers(r):
 def test_nfe_per_step():
     evals = {name: info.nfe(10) / 10 for name, info in K.SAMPLERS.items() if not name.endswith("_karras")}
     assert evals == {"euler_discrete": 1, "euler_ancestral_discrete": 1, "heun_discrete": 1.9, "lms_discrete": 1,
-                     "dpm_solver_pp_sde": 1}
+                     "dpm_solver_pp_sde": 1, "dpm_solver_pp_2m": 1}
     calls = []
 
     def counting(x, t):
@@ -124,7 +125,7 @@ def linear_gaussian_variance(name, walk, data_var):
             a = 1 + (1 - k) * (s[i + 1] ** 2 / s[i] - s[i]) / s[i]
             var = a**2 * var + up**2
         return var
-    coef = K.dpm_sde_coefficients(s, final_first_order=True)
+    coef = K.dpm_coefficients(s, final_first_order=True)
     cov = np.zeros((2, 2))  # of (x, x0_prev)
     cov[0, 0] = 1.0
     for i in range(walk.steps):

@@ -119,8 +119,12 @@ SAMPLERS = {
     "lms_discrete": ("LMSDiscreteScheduler", LMS_DEFAULTS),
     # DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
     "dpm_solver_pp_sde": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
+    # the same class with algorithm_type="dpmsolver++" on its sigma walk (dpm_solver_pp's grid cannot hold Karras)
+    "dpm_solver_pp_2m": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
 }
-SIGMA_SAMPLERS = ("euler_discrete", "euler_ancestral_discrete", "heun_discrete", "lms_discrete", "dpm_solver_pp_sde")
+SIGMA_SAMPLERS = ("euler_discrete", "euler_ancestral_discrete", "heun_discrete", "lms_discrete", "dpm_solver_pp_sde",
+                  "dpm_solver_pp_2m")
+_ALGORITHM = {"dpm_solver_pp_sde": "sde-dpmsolver++", "dpm_solver_pp_2m": "dpmsolver++"}
 _ALIASES = {}
 for _name, (_cls, _) in SAMPLERS.items():
     _ALIASES.setdefault(_cls, _name)  # a class names its first sampler: DPMSolverMultistepScheduler -> dpm_solver_pp
@@ -323,11 +327,11 @@ def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overri
         raise SchedulerConfigError("thresholding=True (dynamic thresholding of x0) is not supported")
     if name == "dpm_solver_pp":
         _check_dpm(settings)
-    if name == "dpm_solver_pp_sde":
-        if overrides.get("algorithm_type", "sde-dpmsolver++") != "sde-dpmsolver++":
-            raise SchedulerConfigError(f"dpm_solver_pp_sde is algorithm_type 'sde-dpmsolver++', got "
+    if name in _ALGORITHM:
+        if overrides.get("algorithm_type", _ALGORITHM[name]) != _ALGORITHM[name]:
+            raise SchedulerConfigError(f"{name} is algorithm_type {_ALGORITHM[name]!r}, got "
                                        f"{overrides['algorithm_type']!r}")
-        settings["algorithm_type"] = "sde-dpmsolver++"  # what from_config(config, algorithm_type=...) does
+        settings["algorithm_type"] = _ALGORITHM[name]  # what from_config(config, algorithm_type=...) does
     if name in SIGMA_SAMPLERS:
         _check_sigma(name, settings)
     return settings
@@ -347,7 +351,7 @@ def _check_sigma(name: str, s: dict) -> None:
             f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {s['timestep_spacing']!r}")
     if "final_sigmas_type" in SAMPLERS[name][1] and s["final_sigmas_type"] not in ("zero", "sigma_min"):
         raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
-    if name == "dpm_solver_pp_sde" and s["solver_type"] not in ("midpoint", "heun"):
+    if name in _ALGORITHM and s["solver_type"] not in ("midpoint", "heun"):
         raise SchedulerConfigError(f"solver_type must be 'midpoint' or 'heun', got {s['solver_type']!r}")
 
 
@@ -538,7 +542,7 @@ def sigma_setup(config: str | os.PathLike | Mapping, steps: int, sampler: str, *
     final = get("final_sigmas_type", "zero")
     options: dict = {}
     try:
-        if name == "dpm_solver_pp_sde":
+        if name in _ALGORITHM:
             taus = None if karras else _dpm_grid(s, T, int(steps), s["timestep_spacing"], s["steps_offset"])[0]
             walk = sigma_sampling.dpm_walk(alpha_bars, int(steps), taus=taus, karras=karras, final_sigma=final,
                                            round_times=s["beta_schedule"] != "squaredcos_cap_v2")
