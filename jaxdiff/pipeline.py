@@ -260,7 +260,9 @@ class Pipeline:
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
-        ``jaxdiff.sampling.SAMPLERS``, or a function of one's own with the samplers' signature
+        ``jaxdiff.sampling.SAMPLERS``, on Stable Diffusion one in ``jaxdiff.sigma_sampling.SAMPLERS`` (diffusers'
+        Euler, Heun, LMS, DPM-Solver++ 2M / SDE schedulers as diffusers walks the folder's config), or a
+        function of one's own with the samplers' signature
         ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20);
         ``steps`` (default the sampler's) and ``eta`` are checked only
         where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
