@@ -33,6 +33,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -226,7 +227,7 @@ def euler_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 
         x0 = _ve_x0(_model_call(model_fn, x * c["c_in"], c["t"]), x, c["sigma"], prediction, clip_x0)
         return x + (x - x0) / c["sigma"] * c["dt"], None
 
-    return sampling.sample_loop(step, _start(x_T, walk), inputs, return_trajectory=return_trajectory)
+    return _loop(step, x_T, _start(x_T, walk), inputs, return_trajectory=return_trajectory)
 
 
 def euler_ancestral_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
@@ -252,7 +253,7 @@ def euler_ancestral_discrete(model_fn, schedule: Schedule, x_T, *, key=None, ste
         z = c["noise"].astype(x.dtype) if "noise" in c else sampling.noise_like(k, x)
         return x + (x - x0) / c["sigma"] * c["dt"] + z * c["up"], None
 
-    return sampling.sample_loop(step, _start(x_T, walk), inputs, key=key, return_trajectory=return_trajectory)
+    return _loop(step, x_T, _start(x_T, walk), inputs, key=key, return_trajectory=return_trajectory)
 
 
 def heun_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
@@ -287,7 +288,7 @@ def heun_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 5
         return jnp.where(c["first"], x_euler, x_heun), (jnp.where(c["first"], slope, slope_0),
                                                         jnp.where(c["first"], x, x_0))
 
-    return sampling.sample_loop(step, x_start, inputs, carry=carry, return_trajectory=return_trajectory)
+    return _loop(step, x_T, x_start, inputs, carry=carry, return_trajectory=return_trajectory)
 
 
 LMS_ORDER = 4  # diffusers' step(order=4), what its pipelines use
@@ -334,7 +335,7 @@ def lms_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50
         return x + jnp.sum(weights * slopes, axis=0), slopes[:-1]
 
     history = jnp.zeros((int(order) - 1, *x_start.shape), x_start.dtype)  # the earlier slopes, newest first
-    return sampling.sample_loop(step, x_start, inputs, carry=history, return_trajectory=return_trajectory)
+    return _loop(step, x_T, x_start, inputs, carry=history, return_trajectory=return_trajectory)
 
 
 def dpm_coefficients(sigmas, *, final_first_order: bool, solver_type: str = "midpoint", sde: bool = True) -> dict:
@@ -401,8 +402,8 @@ def _dpm(name, sde, model_fn, schedule, x_T, key, steps, timesteps, walk, predic
             x_next = x_next + c["c"] * (c["noise"].astype(x.dtype) if "noise" in c else sampling.noise_like(k, x))
         return x_next, x0
 
-    return sampling.sample_loop(step, x_start, inputs, key=key, carry=jnp.zeros_like(x_start),
-                                return_trajectory=return_trajectory)
+    return _loop(step, x_T, x_start, inputs, key=key, carry=jnp.zeros_like(x_start),
+                 return_trajectory=return_trajectory)
 
 
 def dpm_solver_pp_sde(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
@@ -429,10 +430,17 @@ def dpm_solver_pp_2m(model_fn, schedule: Schedule, x_T, *, key=None, steps: int 
 
 
 def _start(x_T, walk: SigmaWalk):
-    """The first sample: x_T (standard normal) times the walk's ``init_sigma``, in the loop's dtype."""
+    """The first sample, x_T (standard normal) times the walk's ``init_sigma``, in the loop's dtype
+    (float32 at least: a bfloat16 x_T is scaled without rounding to bfloat16 again)."""
     sampling.check_x_T(x_T)
     x = jnp.asarray(x_T)
-    return (x.astype(sampling.work_dtype(x)) * walk.init_sigma).astype(x.dtype)
+    return x.astype(sampling.work_dtype(x)) * walk.init_sigma
+
+
+def _loop(step, x_T, x_start, inputs, **kwargs):
+    """``sampling.sample_loop`` from ``x_start``, the result (and trajectory) in x_T's dtype."""
+    out = sampling.sample_loop(step, x_start, inputs, **kwargs)
+    return jax.tree.map(lambda a: a.astype(x_T.dtype), out)
 
 
 # ----------------------------------------------------------------------------- the table

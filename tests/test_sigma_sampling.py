@@ -230,7 +230,14 @@ def test_sampler_arguments_are_checked():
         f(network, None, x, walk=K.euler_walk(DIFFUSERS_ABAR, 3), prediction="sample")
     with pytest.raises(ValueError, match="needs a schedule"):
         f(network, None, x)
-    # without a walk: diffusers' class defaults on the schedule's alpha_bars
+    # without a walk: diffusers' class defaults on the schedule's alpha_bars (Karras sigmas for "<name>_karras")
     sched = schedules.scaled_linear()
     np.testing.assert_array_equal(np.asarray(f(network, sched, x, steps=3)),
                                   np.asarray(f(network, None, x, walk=K.euler_walk(sched.alpha_bars, 3))))
+    np.testing.assert_array_equal(
+        np.asarray(K.SAMPLERS["euler_discrete_karras"].fn(network, sched, x, steps=3)),
+        np.asarray(f(network, None, x, walk=K.euler_walk(sched.alpha_bars, 3, karras=True))))
+    # a bfloat16 start comes back in bfloat16, computed in float32
+    low = f(network, sched, x.astype(jnp.bfloat16), steps=3)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(f(network, sched, x, steps=3)), rtol=1e-2)
