@@ -3,8 +3,9 @@
 The parts: the U-Net, the KL autoencoder and the CLIP text encoder built from their own
 config.json and filled from their safetensors (every tensor accounted for); CLIP's tokenizer; the
 scheduler config's training schedule and prediction type (epsilon, or v through
-``parametrization.eps_from_v``); and the timestep grids that reproduce diffusers' DDIM and
-DPM-Solver++ for the samplers of the same name. diffusers' timestep tau is jaxdiff's t - 1: the
+``parametrization.eps_from_v``); the timestep grids that reproduce diffusers' DDIM and
+DPM-Solver++ for the samplers of the same name, and the sigma walks of ``jaxdiff.sigma_sampling``'s
+samplers (which take the U-Net's raw output, ``model_output``). diffusers' timestep tau is jaxdiff's t - 1: the
 U-Net is fed t - 1.
 """
 
