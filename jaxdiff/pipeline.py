@@ -384,8 +384,7 @@ class Pipeline:
         if self.walk is None:  # a walk's name is refused here; sampling.get refuses an unknown one
             from jaxdiff.pretrained import walks
 
-            if sampler != "auto" and isinstance(sampler, str) and (
-                    sampler in walks.supported() or sampler.endswith(walks.KARRAS_SUFFIX)):
+            if sampler != "auto" and sampler in walks.supported():
                 raise ValueError(f"sampler {sampler!r} walks a diffusers scheduler config, which this pipeline lacks "
                                  f"(it is for Stable Diffusion folders); use one of {tuple(sampling.SAMPLERS)}")
             return ("dpm++", steps, None) if sampler == "auto" else (sampler, steps, None)

@@ -100,8 +100,9 @@ def markdown_table() -> str:
 
 
 def supported() -> list[str]:
-    """The names that resolve to a walk this jaxdiff has."""
-    return ["auto", *[a for a, (n, _) in A1111.items() if n in RUNNERS], *RUNNERS]
+    """The names that resolve to a walk this jaxdiff has ("<walk>_karras" last)."""
+    return ["auto", *[a for a, (n, _) in A1111.items() if n in RUNNERS], *RUNNERS,
+            *[n + KARRAS_SUFFIX for n in RUNNERS if "use_karras_sigmas" in scheduler.SAMPLERS[n][1]]]
 
 
 def resolve(config: Mapping, sampler: str) -> tuple[str, dict]:
@@ -122,8 +123,7 @@ def resolve(config: Mapping, sampler: str) -> tuple[str, dict]:
             sampler[: -len(KARRAS_SUFFIX)], ("", {}))[1]:
         name, overrides, what = sampler[: -len(KARRAS_SUFFIX)], {"use_karras_sigmas": True}, f"sampler={sampler!r}"
     else:
-        raise SchedulerConfigError(f"unknown sampler {sampler!r}: expected one of {supported()} (or a walk's name "
-                                   f"with {KARRAS_SUFFIX!r} for Karras sigmas) or jaxdiff's own "
+        raise SchedulerConfigError(f"unknown sampler {sampler!r}: expected one of {supported()} or jaxdiff's own "
                                    f"{sorted(sampling.SAMPLERS)}")
     if name == "dpm_solver_pp" and overrides.get("use_karras_sigmas", config.get("use_karras_sigmas", False)):
         name = "dpm_solver_pp_2m"  # the same solver on diffusers' sigma walk, which holds Karras sigmas
