@@ -77,6 +77,9 @@ def test_a1111_dpm_2m_karras_equals_diffusers(loaded):
     assert (used["sampler"], used["scheduler_class"], used["overrides"], used["evaluations"]) == (
         "dpm_solver_pp_2m", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, 8)
     np.testing.assert_allclose(used["timesteps"], want["dpm_2m_karras/timesteps"])
+    image = np.zeros((2, 32, 32, 3), np.uint8)  # no image-to-image on a sigma walk yet: one line, before compiling
+    with pytest.raises(ValueError, match=r"sampler 'Euler' \(diffusers' EulerDiscreteScheduler, a sigma walk\) is not"):
+        pipe.sample(PROMPTS, sampler="Euler", image=image, steps=4)
 
 
 def test_v_prediction_is_read_from_the_scheduler_config():
