@@ -136,7 +136,7 @@ class Pipeline:
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
                  classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
-                 encode=None, grid=None, sampler_options=None, walk=None):
+                 encode=None, grid=None, sampler_options=None, walk=None, model_output=None):
         self.eps_model, self.params, self.schedule, self.condition = eps_model, params, schedule, condition
         self.sample_shape, self.decode, self.spec = tuple(sample_shape), decode, spec
         self.classifier, self.default_gamma, self.clip_x0 = classifier, default_gamma, clip_x0
@@ -149,6 +149,9 @@ class Pipeline:
         # walk(sampler, steps) -> the diffusers walk a name ("auto", "DPM++ 2M Karras", "pndm") means (a sampler
         # function), for a pipeline read from a diffusers folder; last_sampling: what the last call ran
         self.walk, self.last_sampling = walk, None
+        # model_output(params, x_t, t, c): the network's raw output (v for a v-prediction U-Net), for the walks
+        # that convert it at their own sigma (a Walk's raw_output: the sigma walks)
+        self.model_output = model_output
         # the U-Net's compute dtype: its float32 parameters are cast once per call, before the sampling
         # loop, rather than by every layer at every step (XLA left those casts in the loop)
         self.compute_dtype = None
@@ -264,7 +267,7 @@ class Pipeline:
                    decode=sd.decode, spec=sd.unet_spec, default_gamma=getattr(sd, "default_gamma", 7.5),
                    clip_x0=None,
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
-                   sampler_options=sd.sampler_options, walk=sd.walk)
+                   sampler_options=sd.sampler_options, walk=sd.walk, model_output=sd.model_output)
         pipe.inpainting = getattr(sd, "inpainting", False)
         return pipe
 
@@ -297,7 +300,8 @@ class Pipeline:
         ``(eps_fn, schedule, x_T, *, key, steps, timesteps, clip_x0) -> x0`` (steps default 20); for a
         pipeline read from a diffusers folder also "auto" (the default: the folder's scheduler class, as
         diffusers runs it), an A1111 name ("PLMS", "UniPC", "DPM++ 2M", ...) or a diffusers walk's name
-        ("pndm", "unipc", ...; see ``jaxdiff.pretrained.walks``), whose steps default to diffusers' 50;
+        ("pndm", "unipc", "euler_discrete", ...; see ``jaxdiff.pretrained.walks``), whose steps default to
+        diffusers' 50;
         elsewhere "auto" is "dpm++". ``pipe.last_sampling`` then says what ran.
         ``steps`` (default the sampler's) and ``eta`` are checked only
         where the sampler uses them. ``clip_x0``: clip the predicted x0 to [-c, c] at each step; "auto"
@@ -407,14 +411,20 @@ class Pipeline:
         steps)."""
         if callable(sampler) or sampler in sampling.SAMPLERS:
             return sampler, steps, None
-        if self.walk is None:  # an unknown name: sampling.get says so
+        if self.walk is None:  # a walk's name is refused here; sampling.get refuses an unknown one
+            from jaxdiff.pretrained import walks
+
+            if sampler != "auto" and sampler in walks.supported():
+                raise ValueError(f"sampler {sampler!r} walks a diffusers scheduler config, which this pipeline lacks "
+                                 f"(it is for Stable Diffusion folders); use one of {tuple(sampling.SAMPLERS)}")
             return ("dpm++", steps, None) if sampler == "auto" else (sampler, steps, None)
         walk = self.walk(sampler, steps)
         if walk.sampler in ("ddim", "dpm_solver_pp") and not walk.overrides:
             return {"ddim": "ddim", "dpm_solver_pp": "dpm++"}[walk.sampler], walk.steps, walk
         if image is not None and not walk.noise_at_timestep:
-            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class} with Karras "
-                             f"sigmas) is not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
+            what = ", a sigma walk" if walk.raw_output else " with Karras sigmas"
+            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class}{what}) is "
+                             f"not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
         return walk, walk.steps, walk
 
     def _stages(self, with_image: bool, with_mask: bool = False) -> list[str]:
@@ -587,13 +597,15 @@ class Pipeline:
             x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
         finite = [_all_finite((cond, uncond))] + ([_all_finite(z0)] if image is not None else [])
-        model = lambda x, t, c: self.eps_model(params, x, t, c)
+        # a sigma walk converts the network's raw output at its own sigma; the others take eps
+        network = self.model_output if getattr(sampler, "raw_output", False) else self.eps_model
+        model = lambda x, t, c: network(params, x, t, c)
         if inpaint is not None and self.inpainting:  # the mask and masked image's latents ride with each condition
             encode = lambda x: self.encode(params, x, jax.vmap(jax.random.fold_in, (0, None))(keys, 3))
             extra = inpainting.channels(encode, *inpaint)
             finite.append(_all_finite(extra))
             cond, uncond = (cond, extra), (uncond, extra)
-            model = lambda x, t, c: self.eps_model(params, x, t, c[0], c[1])
+            model = lambda x, t, c: network(params, x, t, c[0], c[1])
         elif inpaint is not None:  # the image's latents (the same draw as image-to-image's) kept outside the mask
             known = self.encode(params, inpaint[1], jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
             finite.append(_all_finite(known))

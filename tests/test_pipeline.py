@@ -108,6 +108,7 @@ def test_image_i_depends_on_seed_and_i_alone(mixture2d, linear_schedule, sampler
     ({"condition": [0], "gamma": "abc"}, "gamma must be a real number"),
     ({"condition": [0], "gamma": np.inf}, "gamma must be finite"),
     ({"condition": [0], "sampler": "plms"}, "unknown sampler 'plms'"),
+    ({"condition": [0], "sampler": "euler_discrete"}, "walks a diffusers scheduler config, which this pipeline lacks"),
     ({"condition": [0], "sampler": "ddim", "eta": -1.0}, "eta must be a finite number >= 0"),
 ])
 def test_bad_inputs_are_refused_naming_the_argument(mixture2d, linear_schedule, kwargs, msg):

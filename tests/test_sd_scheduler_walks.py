@@ -162,7 +162,7 @@ def test_a1111_names():
     assert walks.resolve(SD15, "PLMS") == ("pndm", {"skip_prk_steps": True})
     assert walks.resolve(SD15, "UniPC") == ("unipc", {})
     assert walks.resolve(SD15, "DDIM") == ("ddim", {})
-    assert walks.A1111["DPM++ 2M Karras"] == ("dpm_solver_pp", {"use_karras_sigmas": True})
+    assert walks.A1111["DPM++ 2M Karras"] == ("dpm_solver_pp_2m", {"use_karras_sigmas": True})
     assert walks.A1111["LMS Karras"] == ("lms_discrete", {"use_karras_sigmas": True})
     assert walks.A1111["DPM++ 2M SDE Karras"][0] == "dpm_solver_pp_sde"
     with pytest.raises(SchedulerConfigError, match=r"unknown sampler 'Euler A': expected one of \['auto'"):
@@ -224,3 +224,44 @@ def test_label_pipelines_keep_dpm_solver_for_auto():
                     (4, 4, 1))
     pipe.sample([0], steps=1)
     assert pipe.last_sampling["sampler"] == "dpm++" and pipe.last_sampling["asked"] == "auto"
+
+
+def test_the_sigma_walks_are_walks():
+    """wt-schedk's sigma walks run through the same names: "auto" of their classes, A1111's names, "<walk>_karras"."""
+    for cls, name in [("EulerDiscreteScheduler", "euler_discrete"), ("HeunDiscreteScheduler", "heun_discrete"),
+                      ("EulerAncestralDiscreteScheduler", "euler_ancestral_discrete"),
+                      ("LMSDiscreteScheduler", "lms_discrete")]:
+        assert walks.resolve({**SD15, "_class_name": cls}, "auto") == (name, {})
+        assert walks.RUNNERS[name].raw_output and not walks.RUNNERS["pndm"].raw_output
+    dpm = {**SD15, "_class_name": "DPMSolverMultistepScheduler"}
+    assert walks.resolve({**dpm, "use_karras_sigmas": True}, "auto") == ("dpm_solver_pp_2m", {})
+    assert walks.resolve({**dpm, "use_karras_sigmas": True}, "DPM++ 2M") == ("dpm_solver_pp_2m", {})
+    assert walks.resolve(dpm, "DPM++ 2M") == ("dpm_solver_pp", {})
+    assert walks.resolve(SD15, "euler_discrete_karras") == ("euler_discrete", {"use_karras_sigmas": True})
+    assert walks.resolve(SD15, "dpm_solver_pp_karras") == ("dpm_solver_pp_2m", {"use_karras_sigmas": True})
+    with pytest.raises(SchedulerConfigError, match="unknown sampler 'euler_ancestral_discrete_karras'"):
+        walks.resolve(SD15, "euler_ancestral_discrete_karras")  # the class has no use_karras_sigmas
+    # the walk's timesteps are sigma_setup's (fractional under Karras), Heun's each but the first twice
+    w = walks.make_walk(SD15, "LMS Karras", 7)
+    setup = scheduler.sigma_setup(SD15, 7, "lms_discrete", use_karras_sigmas=True)
+    np.testing.assert_array_equal(np.asarray(w.taus) + 1, setup.walk.t)
+    assert w.grid is None and not w.noise_at_timestep and w.report()["overrides"] == {"use_karras_sigmas": True}
+    heun = walks.make_walk(SD15, "Heun", 4)
+    t = np.asarray(scheduler.sigma_setup(SD15, 4, "heun_discrete").walk.t) - 1
+    np.testing.assert_array_equal(heun.taus, [t[0], t[1], t[1], t[2], t[2], t[3], t[3]])
+    with pytest.raises(ValueError, match="takes no clip_x0= and no timesteps="):
+        w(lambda x, t: x, None, jnp.zeros((1, 3)), timesteps=np.asarray([501, 0]))
+
+
+def test_a_sigma_walk_gets_the_raw_output_and_converts_v_at_its_sigma():
+    """A v-prediction folder's Euler walk, run as the pipeline runs it (the network's raw output), equals
+    sigma_sampling's sampler on sigma_setup's walk; converting v to eps at the integer-t abar first would not."""
+    sd21 = EXPECTED["configs"]["sd21"]
+    w = walks.make_walk(sd21, "euler_discrete_karras", 5)
+    setup = scheduler.sigma_setup(sd21, 5, "euler_discrete", use_karras_sigmas=True)
+    v_net = lambda x, t: 0.3 * x + 0.01 * t[:, None]
+    x_T = jnp.asarray(EXPECTED["x_T"], jnp.float32)
+    from jaxdiff import sigma_sampling
+
+    want = sigma_sampling.euler_discrete(v_net, None, x_T, walk=setup.walk, prediction="v_prediction")
+    np.testing.assert_array_equal(np.asarray(w(v_net, scheduler.schedule_from_config(sd21), x_T)), np.asarray(want))

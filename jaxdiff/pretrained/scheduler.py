@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxdiff import schedules
+from jaxdiff import schedules, sigma_sampling
 from jaxdiff.pretrained.folder import read_json
 from jaxdiff.schedules import Schedule, brief
 
@@ -110,14 +110,52 @@ UNIPC_DEFAULTS = {
     "sigma_min": None,
     "sigma_max": None,
 }
+_SIGMA_KINDS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+EULER_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    **_SIGMA_KINDS,
+    "interpolation_type": "linear",
+    "sigma_min": None,
+    "sigma_max": None,
+    "timestep_spacing": "linspace",
+    "timestep_type": "discrete",
+    "steps_offset": 0,
+    "final_sigmas_type": "zero",
+}
+EULER_ANCESTRAL_DEFAULTS = {**COMMON_DEFAULTS, "timestep_spacing": "linspace", "steps_offset": 0}
+HEUN_DEFAULTS = {
+    **COMMON_DEFAULTS,
+    **_SIGMA_KINDS,
+    "beta_start": 0.00085,  # Heun's own defaults differ from the other classes'
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+}
+LMS_DEFAULTS = {**COMMON_DEFAULTS, **_SIGMA_KINDS, "timestep_spacing": "linspace", "steps_offset": 0}
 # jaxdiff sampler name -> (the diffusers class it reproduces, that class's defaults)
 SAMPLERS = {
     "ddim": ("DDIMScheduler", DDIM_DEFAULTS),
     "dpm_solver_pp": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
     "pndm": ("PNDMScheduler", PNDM_DEFAULTS),
     "unipc": ("UniPCMultistepScheduler", UNIPC_DEFAULTS),
+    # the sigma-space walks of jaxdiff.sigma_sampling (``sigma_setup``)
+    "euler_discrete": ("EulerDiscreteScheduler", EULER_DEFAULTS),
+    "euler_ancestral_discrete": ("EulerAncestralDiscreteScheduler", EULER_ANCESTRAL_DEFAULTS),
+    "heun_discrete": ("HeunDiscreteScheduler", HEUN_DEFAULTS),
+    "lms_discrete": ("LMSDiscreteScheduler", LMS_DEFAULTS),
+    # DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
+    "dpm_solver_pp_sde": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
+    # the same class with algorithm_type="dpmsolver++" on its sigma walk (dpm_solver_pp's grid cannot hold Karras)
+    "dpm_solver_pp_2m": ("DPMSolverMultistepScheduler", DPM_DEFAULTS),
 }
-_ALIASES = {cls: name for name, (cls, _) in SAMPLERS.items()}
+SIGMA_SAMPLERS = ("euler_discrete", "euler_ancestral_discrete", "heun_discrete", "lms_discrete", "dpm_solver_pp_sde",
+                  "dpm_solver_pp_2m")
+_ALGORITHM = {"dpm_solver_pp_sde": "sde-dpmsolver++", "dpm_solver_pp_2m": "dpmsolver++"}
+_ALIASES = {}
+for _name, (_cls, _) in SAMPLERS.items():
+    _ALIASES.setdefault(_cls, _name)  # a class names its first sampler: DPMSolverMultistepScheduler -> dpm_solver_pp
 
 # The diffusers classes (0.42.1) whose config is a discrete beta schedule read as jaxdiff reads it,
 # each with the keys its constructor takes (recorded by make_scheduler_fixtures.py; a test compares).
@@ -173,6 +211,7 @@ _TYPES = {
     "variance_type": (lambda v: v is None or isinstance(v, str), "null or a string"), "use_dynamic_shifting": _BOOL,
     "skip_prk_steps": _BOOL, "predict_x0": _BOOL,
     "disable_corrector": (lambda v: isinstance(v, (list, tuple)) and all(_INT[0](i) for i in v), "a list of integers"),
+    "interpolation_type": _STR, "timestep_type": _STR,
     "sigma_min": (lambda v: v is None or _REAL[0](v), "null or a number"),
     "sigma_max": (lambda v: v is None or _REAL[0](v), "null or a number"),
 }
@@ -318,6 +357,13 @@ def sampler_settings(config: str | os.PathLike | Mapping, sampler: str, **overri
         raise SchedulerConfigError("thresholding=True (dynamic thresholding of x0) is not supported")
     if name == "dpm_solver_pp":
         _check_dpm(settings)
+    if name in _ALGORITHM:
+        if overrides.get("algorithm_type", _ALGORITHM[name]) != _ALGORITHM[name]:
+            raise SchedulerConfigError(f"{name} is algorithm_type {_ALGORITHM[name]!r}, got "
+                                       f"{overrides['algorithm_type']!r}")
+        settings["algorithm_type"] = _ALGORITHM[name]  # what from_config(config, algorithm_type=...) does
+    if name in SIGMA_SAMPLERS:
+        _check_sigma(name, settings)
     if name == "unipc":
         _check_unipc(settings)
     return settings
@@ -338,6 +384,24 @@ def _check_unipc(s: dict) -> None:
         raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
 
 
+def _check_sigma(name: str, s: dict) -> None:
+    """Refuse what jaxdiff's sigma walks do not reproduce."""
+    want = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "interpolation_type": "linear",
+            "timestep_type": "discrete", "use_lu_lambdas": False, "use_flow_sigmas": False,
+            "use_dynamic_shifting": False, "solver_order": 2, "variance_type": None}
+    for key, value in want.items():
+        if key in SAMPLERS[name][1] and s[key] != value:
+            raise SchedulerConfigError(
+                f"{name} setting {key}={s[key]!r} is not supported (jaxdiff needs {key}={value!r})")
+    if s["timestep_spacing"] not in ("linspace", "leading", "trailing"):
+        raise SchedulerConfigError(
+            f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {s['timestep_spacing']!r}")
+    if "final_sigmas_type" in SAMPLERS[name][1] and s["final_sigmas_type"] not in ("zero", "sigma_min"):
+        raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
+    if name in _ALGORITHM and s["solver_type"] not in ("midpoint", "heun"):
+        raise SchedulerConfigError(f"solver_type must be 'midpoint' or 'heun', got {s['solver_type']!r}")
+
+
 def _check_dpm(s: dict) -> None:
     want = {
         "algorithm_type": "dpmsolver++",
@@ -354,7 +418,8 @@ def _check_dpm(s: dict) -> None:
             )
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
         if s[key]:
-            raise SchedulerConfigError(f"DPM-Solver setting {key}=True is not supported (only the training timesteps)")
+            raise SchedulerConfigError(f"DPM-Solver setting {key}=True is not supported on dpm_solver_pp's integer "
+                                       f"grid (Karras sigmas: dpm_solver_pp_2m)")
     if s["final_sigmas_type"] not in ("zero", "sigma_min"):
         raise SchedulerConfigError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {s['final_sigmas_type']!r}")
 
@@ -482,6 +547,60 @@ def _dpm_grid(s: dict, T: int, steps: int, spacing: str, offset: int) -> tuple[n
 def _betas_for_clip(s: dict) -> np.ndarray:
     # only the schedule's keys: the rest were checked (and any unknown one named) when the config was read
     return np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).betas, np.float64)
+
+
+class SigmaSetup(NamedTuple):
+    """What a ``jaxdiff.sigma_sampling`` sampler needs to reproduce one diffusers scheduler run: the
+    ``walk``, the network's ``prediction`` type, ``clip_x0`` (Heun's ``clip_sample``) and ``options``,
+    the sampler's own keywords (DPM-Solver SDE: ``final_first_order``, ``solver_type``)."""
+
+    walk: Any
+    prediction: str
+    clip_x0: float | None
+    options: dict
+    settings: dict
+
+
+def sigma_setup(config: str | os.PathLike | Mapping, steps: int, sampler: str, **overrides) -> SigmaSetup:
+    """The walk diffusers' ``<Sampler>.from_config(config, **overrides)`` takes at ``steps`` steps, for a
+    sampler of ``SIGMA_SAMPLERS`` (or its diffusers class name). The betas are the resolved settings'
+    (Heun's class defaults differ). A key the class does not take (Euler ancestral's ``use_karras_sigmas``)
+    is ignored when the config has it, as diffusers ignores it, and refused when asked for."""
+    name = _sampler_name(sampler)
+    if name not in SIGMA_SAMPLERS:
+        raise SchedulerConfigError(f"sigma_setup is for {', '.join(SIGMA_SAMPLERS)}, got {sampler!r}")
+    own = SAMPLERS[name][1]
+    for key in overrides:
+        if key not in own and key in ("use_karras_sigmas", "final_sigmas_type", "sigma_min", "sigma_max"):
+            raise SchedulerConfigError(f"{SAMPLERS[name][0]} has no setting {key!r}")
+    s = sampler_settings(config, name, **overrides)
+
+    def get(key, otherwise):
+        return s[key] if key in own else otherwise
+
+    T = s["num_train_timesteps"]
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise SchedulerConfigError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
+    alpha_bars = np.asarray(schedule_from_config({k: s[k] for k in COMMON_DEFAULTS}).alpha_bars)
+    karras = bool(get("use_karras_sigmas", False))
+    final = get("final_sigmas_type", "zero")
+    options: dict = {}
+    try:
+        if name in _ALGORITHM:
+            taus = None if karras else _dpm_grid(s, T, int(steps), s["timestep_spacing"], s["steps_offset"])[0]
+            walk = sigma_sampling.dpm_walk(alpha_bars, int(steps), taus=taus, karras=karras, final_sigma=final,
+                                           round_times=s["beta_schedule"] != "squaredcos_cap_v2")
+            options = {"final_first_order": bool(final == "zero" or s["euler_at_final"]
+                                                  or (s["lower_order_final"] and walk.steps < 15)),
+                       "solver_type": s["solver_type"]}
+        else:
+            walk = sigma_sampling.euler_walk(alpha_bars, int(steps), spacing=s["timestep_spacing"],
+                                             offset=s["steps_offset"], karras=karras, final_sigma=final,
+                                             sigma_min=get("sigma_min", None), sigma_max=get("sigma_max", None))
+    except ValueError as err:
+        raise SchedulerConfigError(f"{name}: {err}") from None
+    clip = float(s["clip_sample_range"]) if get("clip_sample", False) else None
+    return SigmaSetup(walk, prediction_type(s), clip, options, s)
 
 
 def describe(setup: SamplerSetup) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 The parts: the U-Net, the KL autoencoder and the CLIP text encoder built from their own
 config.json and filled from their safetensors (every tensor accounted for); CLIP's tokenizer; the
 scheduler config's training schedule and prediction type (epsilon, or v through
-``parametrization.eps_from_v``); and the timestep grids that reproduce diffusers' DDIM and
-DPM-Solver++ for the samplers of the same name. diffusers' timestep tau is jaxdiff's t - 1: the
-U-Net is fed t - 1.
+``parametrization.eps_from_v``); the timestep grids that reproduce diffusers' DDIM and
+DPM-Solver++ for the samplers of the same name, and the diffusers walks of ``jaxdiff.pretrained.walks``
+(the sigma walks among them take the U-Net's raw output, ``model_output``). diffusers' timestep tau is
+jaxdiff's t - 1: the U-Net is fed t - 1.
 """
 
 from __future__ import annotations
@@ -83,12 +84,16 @@ class StableDiffusion:
         ({"unet": trained}), the rest this model's; ``dtype`` casts floating tensors."""
         return save.save_pretrained(self, folder, params=params, dtype=dtype)
 
-    def eps_model(self, params, z, t, context, extra=None):
-        """eps of the latents z_t at jaxdiff's t (the U-Net reads diffusers' t - 1); a v-prediction
-        U-Net's output converted to eps. ``extra``: an inpainting U-Net's mask and masked-image channels
-        (``jaxdiff.inpainting.channels``), read after z."""
+    def model_output(self, params, z, t, context, extra=None):
+        """The U-Net's raw output (eps, or v for a v-prediction U-Net) at jaxdiff's t, integer or
+        fractional (the U-Net reads diffusers' t - 1): what the sigma walks convert themselves. ``extra``: an
+        inpainting U-Net's mask and masked-image channels (``jaxdiff.inpainting.channels``), read after z."""
         x = z if extra is None else inpainting.unet_input(z, extra)
-        out = self.unet.apply(params["unet"], x, t - 1, None, context)
+        return self.unet.apply(params["unet"], x, t - 1, None, context)
+
+    def eps_model(self, params, z, t, context, extra=None):
+        """eps of the latents z_t at jaxdiff's integer t; a v-prediction U-Net's output converted to eps."""
+        out = self.model_output(params, z, t, context, extra)
         if self.prediction == "v_prediction":
             out = eps_from_v(z, out, alpha_bar=self.schedule.alpha_bar(t))
         return out

@@ -3,8 +3,11 @@
 A name is one of: "auto" (the folder's own scheduler class, ``scheduler_config.json``'s
 ``_class_name``, as diffusers' pipeline would run it), an A1111 / k-diffusion name ("DPM++ 2M
 Karras", "Euler a", ...; ``A1111`` below, as diffusers' scheduler overview maps them), or a jaxdiff
-name of a diffusers walk (``scheduler.SAMPLERS``: "pndm", "unipc", "ddim", "dpm_solver_pp", ...).
-Each resolves to (jaxdiff walk, overrides): diffusers' ``Class.from_config(folder_config, **overrides)``.
+name of a diffusers walk (``scheduler.SAMPLERS``: "pndm", "unipc", "ddim", "dpm_solver_pp", "euler_discrete",
+...), or such a name with ``_karras`` ("euler_discrete_karras": the walk with ``use_karras_sigmas=True``, for
+classes that have the setting). Each resolves to (jaxdiff walk, overrides): diffusers'
+``Class.from_config(folder_config, **overrides)``. DPM-Solver++(2M) on Karras sigmas (from the name or the
+folder's config) walks as ``dpm_solver_pp_2m``: ``dpm_solver_pp``'s integer grid cannot hold them.
 
 ``make_walk`` turns that into a ``Walk``: a hashable sampler (same walk, same compiled program) with
 the samplers' keyword signature, which also says what it runs (``report``). The README's table of
@@ -16,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
+import jax
 import numpy as np
 
-from jaxdiff import sampling
+from jaxdiff import sampling, sigma_sampling
 from jaxdiff.pretrained import multistep, scheduler
 from jaxdiff.pretrained.scheduler import SchedulerConfigError
 
@@ -29,7 +34,7 @@ DEFAULT_STEPS = 50  # diffusers' StableDiffusionPipeline num_inference_steps
 # Runge-Kutta warm-up, so "PLMS" sets skip_prk_steps (SD folders already do).
 A1111 = {
     "DPM++ 2M": ("dpm_solver_pp", {}),
-    "DPM++ 2M Karras": ("dpm_solver_pp", {"use_karras_sigmas": True}),
+    "DPM++ 2M Karras": ("dpm_solver_pp_2m", {"use_karras_sigmas": True}),
     "DPM++ 2M SDE": ("dpm_solver_pp_sde", {"algorithm_type": "sde-dpmsolver++"}),
     "DPM++ 2M SDE Karras": ("dpm_solver_pp_sde", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "Euler": ("euler_discrete", {}),
@@ -42,12 +47,19 @@ A1111 = {
     "UniPC": ("unipc", {}),
 }
 
-# diffusers class -> the jaxdiff walk of it ("auto"); DPMSolverMultistepScheduler by its algorithm_type
+
+
+def _dpm(s: Mapping) -> str:
+    if s.get("algorithm_type") == "sde-dpmsolver++":
+        return "dpm_solver_pp_sde"
+    return "dpm_solver_pp_2m" if s.get("use_karras_sigmas") else "dpm_solver_pp"
+
+
+# diffusers class -> the jaxdiff walk of it ("auto"); DPMSolverMultistepScheduler by its algorithm_type and sigmas
 CLASSES: dict[str, Callable[[dict], str]] = {
     "PNDMScheduler": lambda s: "pndm",
     "DDIMScheduler": lambda s: "ddim",
-    "DPMSolverMultistepScheduler": lambda s: "dpm_solver_pp_sde" if s.get("algorithm_type") == "sde-dpmsolver++"
-    else "dpm_solver_pp",
+    "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": lambda s: "euler_discrete",
     "EulerAncestralDiscreteScheduler": lambda s: "euler_ancestral_discrete",
     "HeunDiscreteScheduler": lambda s: "heun_discrete",
@@ -59,6 +71,7 @@ CLASSES: dict[str, Callable[[dict], str]] = {
 NFE = {
     "ddim": ("1", lambda n: n),
     "dpm_solver_pp": ("1", lambda n: n),
+    "dpm_solver_pp_2m": ("1", lambda n: n),
     "dpm_solver_pp_sde": ("1", lambda n: n),
     "euler_discrete": ("1", lambda n: n),
     "euler_ancestral_discrete": ("1", lambda n: n),
@@ -69,14 +82,11 @@ NFE = {
 }
 
 
+KARRAS_SUFFIX = "_karras"  # "<walk>_karras": the walk with use_karras_sigmas=True
+
+
 def _settings_text(name: str, overrides: Mapping) -> str:
-    cls = scheduler.SAMPLERS[name][0] if name in scheduler.SAMPLERS else _CLASS_OF.get(name, "?")
-    return cls + "".join(f", {k}={v!r}" for k, v in overrides.items())
-
-
-# each walk's diffusers class, also for walks registered elsewhere and not here yet (messages, the table)
-_CLASS_OF = {walk(config): cls for config in ({}, {"algorithm_type": "sde-dpmsolver++"})
-             for cls, walk in CLASSES.items()}
+    return scheduler.SAMPLERS[name][0] + "".join(f", {k}={v!r}" for k, v in overrides.items())
 
 
 def markdown_table() -> str:
@@ -90,8 +100,9 @@ def markdown_table() -> str:
 
 
 def supported() -> list[str]:
-    """The names that resolve to a walk this jaxdiff has."""
-    return ["auto", *[a for a, (n, _) in A1111.items() if n in RUNNERS], *RUNNERS]
+    """The names that resolve to a walk this jaxdiff has ("<walk>_karras" last)."""
+    return ["auto", *[a for a, (n, _) in A1111.items() if n in RUNNERS], *RUNNERS,
+            *[n + KARRAS_SUFFIX for n in RUNNERS if "use_karras_sigmas" in scheduler.SAMPLERS[n][1]]]
 
 
 def resolve(config: Mapping, sampler: str) -> tuple[str, dict]:
@@ -108,12 +119,18 @@ def resolve(config: Mapping, sampler: str) -> tuple[str, dict]:
         (name, overrides), what = A1111[sampler], f"sampler={sampler!r}"
     elif sampler in scheduler.SAMPLERS or sampler in NFE:
         name, overrides, what = sampler, {}, f"sampler={sampler!r}"
+    elif isinstance(sampler, str) and sampler.endswith(KARRAS_SUFFIX) and "use_karras_sigmas" in scheduler.SAMPLERS.get(
+            sampler[: -len(KARRAS_SUFFIX)], ("", {}))[1]:
+        name, overrides, what = sampler[: -len(KARRAS_SUFFIX)], {"use_karras_sigmas": True}, f"sampler={sampler!r}"
     else:
         raise SchedulerConfigError(f"unknown sampler {sampler!r}: expected one of {supported()} or jaxdiff's own "
                                    f"{sorted(sampling.SAMPLERS)}")
+    if name == "dpm_solver_pp" and overrides.get("use_karras_sigmas", config.get("use_karras_sigmas", False)):
+        name = "dpm_solver_pp_2m"  # the same solver on diffusers' sigma walk, which holds Karras sigmas
     if name not in RUNNERS or name not in scheduler.SAMPLERS:
+        cls = scheduler.SAMPLERS[name][0] if name in scheduler.SAMPLERS else "?"
         raise SchedulerConfigError(
-            f"{what} means jaxdiff's {name!r} walk ({_CLASS_OF.get(name, '?')}), which this jaxdiff does not have "
+            f"{what} means jaxdiff's {name!r} walk ({cls}), which this jaxdiff does not have "
             f"yet; the names it has: {supported()}; pick one with sampler=...")
     return name, dict(overrides)
 
@@ -143,15 +160,45 @@ def _run_dpm(eps_fn, schedule, x_T, plan, *, key, prediction):
                                   final_first_order=plan["final_first_order"])
 
 
-# walk -> (plan(settings, steps, config, overrides, start) -> tables with "taus" (diffusers' timesteps from
-# index start on: image-to-image), run(eps_fn, schedule, x_T, plan, *, key, prediction) -> x0)
+def _sigma_plan(name):
+    def plan(settings, steps, config, overrides, start):
+        if start:
+            raise SchedulerConfigError(f"{name} walks sigmas from its first step only (no image-to-image yet)")
+        setup = scheduler.sigma_setup(config, steps, name, **overrides)
+        t = np.asarray(setup.walk.t, np.float64)
+        if name == "heun_discrete":  # two evaluations a step but the last: t_0, t_1, t_1, t_2, t_2, ...
+            t = np.concatenate([t[:1], np.repeat(t[1:], 2)])
+        return {"taus": t - 1, "walk": setup.walk, "clip_x0": setup.clip_x0, "options": setup.options}
+    return plan
+
+
+def _sigma_run(fn):
+    def run(model_fn, schedule, x_T, plan, *, key, prediction):
+        return fn(model_fn, schedule, x_T, key=key, walk=plan["walk"], prediction=prediction, clip_x0=plan["clip_x0"],
+                  **plan["options"])
+    return run
+
+
+class Runner(NamedTuple):
+    """``plan(settings, steps, config, overrides, start)`` -> tables with "taus" (diffusers' timesteps from index
+    start on: image-to-image); ``run(model_fn, schedule, x_T, plan, *, key, prediction)`` -> x0. ``model_fn``
+    gives eps (a v-prediction network's output converted at the grid's integer t), or with ``raw_output`` the
+    network's own output (eps or v), which the walk converts at its own sigma (its times may be fractional)."""
+
+    plan: Callable
+    run: Callable
+    raw_output: bool = False
+
+
 RUNNERS = {
-    "ddim": (_grid_plan("ddim"), _run_ddim),
-    "dpm_solver_pp": (_grid_plan("dpm_solver_pp"), _run_dpm),
-    "pndm": (lambda s, n, c, o, start: multistep.pndm_plan(s, n, start),
-             lambda e, sc, x, p, *, key, prediction: multistep.pndm_walk(e, sc, x, p, prediction=prediction)),
-    "unipc": (lambda s, n, c, o, start: multistep.unipc_plan(s, _abar(s), n, start),
-              lambda e, sc, x, p, *, key, prediction: multistep.unipc_walk(e, sc, x, p, prediction=prediction)),
+    "ddim": Runner(_grid_plan("ddim"), _run_ddim),
+    "dpm_solver_pp": Runner(_grid_plan("dpm_solver_pp"), _run_dpm),
+    "pndm": Runner(lambda s, n, c, o, start: multistep.pndm_plan(s, n, start),
+                   lambda e, sc, x, p, *, key, prediction: multistep.pndm_walk(e, sc, x, p, prediction=prediction)),
+    "unipc": Runner(lambda s, n, c, o, start: multistep.unipc_plan(s, _abar(s), n, start),
+                    lambda e, sc, x, p, *, key, prediction: multistep.unipc_walk(e, sc, x, p, prediction=prediction)),
+    **{name: Runner(_sigma_plan(name), _sigma_run(getattr(sigma_sampling, name)), raw_output=True)
+       for name in scheduler.SIGMA_SAMPLERS},
 }
 
 
@@ -165,10 +212,12 @@ class Walk:
 
     ``sampler``: the jaxdiff walk; ``asked``: the name the caller gave; ``scheduler_class`` and
     ``overrides``: diffusers' ``scheduler_class.from_config(config, **overrides)``; ``taus``: diffusers'
-    timesteps, the network evaluated once at each (jaxdiff's t = tau + 1). ``grid``: those t and an endpoint;
-    handed a tail of it (``timesteps=grid[k:]``), the walk does what diffusers' image-to-image pipeline
-    does from index k, which the pipeline noises the image to (``noise_at_timestep``: whether diffusers
-    noises it to that timestep's abar; not so under Karras sigmas, which UniPC noises by its own sigma)."""
+    timesteps, the network evaluated once at each (jaxdiff's t = tau + 1; fractional on sigma walks).
+    ``grid``: those t and an endpoint; handed a tail of it (``timesteps=grid[k:]``), the walk does what
+    diffusers' image-to-image pipeline does from index k, which the pipeline noises the image to
+    (``noise_at_timestep``: whether diffusers noises it to that timestep's abar; not so under Karras sigmas,
+    which UniPC noises by its own sigma, nor on the sigma walks, which have no grid). ``raw_output``: the
+    walk takes the network's raw output (``Runner``)."""
 
     sampler: str
     asked: str
@@ -178,6 +227,7 @@ class Walk:
     taus: tuple
     config: str = dataclasses.field(repr=False)
     noise_at_timestep: bool = True
+    raw_output: bool = False
 
     @property
     def __name__(self) -> str:  # what the pipeline calls a sampler function
@@ -188,20 +238,21 @@ class Walk:
         return len(self.taus)
 
     @property
-    def grid(self) -> tuple:
-        return (*(t + 1 for t in self.taus), 0)
+    def grid(self) -> tuple | None:
+        return None if self.raw_output else (*(t + 1 for t in self.taus), 0)
 
     def plan(self, start: int = 0) -> dict:
         return _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)[1]
 
     def __call__(self, eps_fn, schedule, x_T, *, key=None, steps=None, timesteps=None, clip_x0=None):
-        start = 0 if timesteps is None else len(self.grid) - len(timesteps)
+        start = 0 if timesteps is None or self.grid is None else len(self.grid) - len(timesteps)
         if clip_x0 is not None or (timesteps is not None and (
-                start < 0 or tuple(int(t) for t in np.asarray(timesteps)) != self.grid[start:])):
+                self.grid is None or start < 0 or tuple(int(t) for t in np.asarray(timesteps)) != self.grid[start:])):
             raise ValueError(f"sampler {self.asked!r} walks diffusers' {self.scheduler_class} timesteps and settings; "
                              f"it takes no clip_x0= and no timesteps= but the end of its own grid")
-        settings, plan = _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)
-        return RUNNERS[self.sampler][1](eps_fn, schedule, x_T, plan, key=key, prediction=settings["prediction_type"])
+        with jax.ensure_compile_time_eval():  # the tables are constants, also when the call is traced (jit)
+            settings, plan = _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)
+        return RUNNERS[self.sampler].run(eps_fn, schedule, x_T, plan, key=key, prediction=settings["prediction_type"])
 
     def report(self) -> dict:
         """What ran, JSON-friendly, with one ``line`` for a log."""
@@ -218,7 +269,7 @@ def _plan(config: dict, name: str, steps: int, overrides: dict, start: int = 0) 
     if name == "pndm" and settings["prediction_type"] not in multistep.PREDICTIONS:
         raise SchedulerConfigError(f"PNDM takes prediction_type 'epsilon' or 'v_prediction', got "
                                    f"{settings['prediction_type']!r}")
-    return settings, RUNNERS[name][0](settings, steps, config, overrides, start)
+    return settings, RUNNERS[name].plan(settings, steps, config, overrides, start)
 
 
 def make_walk(config: Mapping, sampler: str, steps: int | None = None) -> Walk:
@@ -230,6 +281,8 @@ def make_walk(config: Mapping, sampler: str, steps: int | None = None) -> Walk:
         raise SchedulerConfigError(f"steps must be at most num_train_timesteps={T}, got {steps}")
     name, overrides = resolve(config, sampler)
     settings, plan = _plan(config, name, steps, overrides)
+    raw = RUNNERS[name].raw_output
+    taus = tuple(float(t) if raw else int(t) for t in plan["taus"])
     return Walk(name, sampler, scheduler.SAMPLERS[name][0], tuple((k, _hashable(v)) for k, v in overrides.items()),
-                steps, tuple(int(t) for t in plan["taus"]), json.dumps(config, sort_keys=True),
-                noise_at_timestep=not (name == "unipc" and settings["use_karras_sigmas"]))
+                steps, taus, json.dumps(config, sort_keys=True),
+                noise_at_timestep=not (raw or (name == "unipc" and settings["use_karras_sigmas"])), raw_output=raw)
