@@ -10,7 +10,8 @@ guidance pair as one batch), latents decoded, uint8 images on the host. jaxdiff:
 fused attention, the VAE in float32 (force_upcast), the whole call one compiled program. diffusers'
 StableDiffusionXLPipeline in float16 (its VAE cast to float32 for decoding and back by the pipeline, as
 force_upcast asks): eager with PyTorch's SDPA attention, and with its U-Net channels-last and
-torch.compile(mode="reduce-overhead", fullgraph=True). Each implementation in its own process; reported as benchmarks.sd_speed reports.
+torch.compile(mode="reduce-overhead", fullgraph=True). Each implementation in its own process; reported as
+benchmarks.sd_speed reports.
 """
 
 from __future__ import annotations
