@@ -21,8 +21,9 @@ or diffusers'/peft's, with or without the component prefix, alpha and rank patte
 older ``lora.down`` / ``lora.up`` keys with ``.alpha`` tensors. It also reads the kohya / A1111 layout
 (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, ``lora_te_<module>...``; see
 ``_load_kohya``), with the U-Net's modules named as diffusers names them or as the original LDM U-Net does
-(``lora_unet_input_blocks_1_1_...``). DoRA, LyCORIS' other adapters (LoHa, LoKr) and SDXL's two text encoders are
-refused with one clear line.
+(``lora_unet_input_blocks_1_1_...``, SDXL's files among them), and SDXL's two text encoders as ``lora_te1_`` /
+``lora_te2_`` (diffusers' layout: ``text_encoder.`` / ``text_encoder_2.``). DoRA and LyCORIS' other adapters (LoHa,
+LoKr) are refused with one clear line.
 
     lora = lora.init(sd.params, rank=4, alpha=4, key=jax.random.key(0))        # U-Net attention projections
     loss = lambda base: sd_train.sd_loss(lora.apply_with(sd_train.unet_apply(sd.unet), base, lora), sd.schedule,
@@ -50,7 +51,7 @@ from jaxdiff.pretrained.keys import module_path, torch_key
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # component (the key in a pipeline's params) -> its prefix in diffusers' LoRA files
-PREFIXES = {"unet": "unet", "text": "text_encoder"}
+PREFIXES = {"unet": "unet", "text": "text_encoder", "text_2": "text_encoder_2"}
 METADATA_KEY = "lora_adapter_metadata"
 
 
@@ -359,11 +360,18 @@ def _load_peft(path, tensors: dict, metadata: dict, params, strict: bool) -> tup
             raise LoRAFileError(f"{path}: a DoRA adapter (use_dora); jaxdiff reads plain LoRA")
         if comp not in params:
             raise LoRAFileError(f"{path}: adapts {prefix}, which the model's parameters lack")
+        module = name
+        if comp in ("text", "text_2"):  # diffusers writes transformers 5's CLIPTextModel without its text_model level
+            try:
+                _kernel(params, comp, name, dense_only=False)
+            except LoRAFileError:
+                module = f"text_model.{name}"
         try:
-            w = _kernel(params, comp, name, dense_only=False)
+            w = _kernel(params, comp, module, dense_only=False)
         except LoRAFileError:
             if strict:
-                raise
+                raise LoRAFileError(f"the LoRA adapts {prefix}.{name}, which this model has no Dense or Conv layer "
+                                    f"for") from None
             skipped += [f"{prefix}.{name}.{part}" for part in sorted(p)]
             continue
         a, b = _adapter(p["A"], p["B"], w.shape, f"{path}: {prefix}.{name}")
@@ -374,7 +382,7 @@ def _load_peft(path, tensors: dict, metadata: dict, params, strict: bool) -> tup
         alpha = float(alpha)
         if meta.get(f"{prefix}.use_rslora"):  # scale alpha / sqrt(r): the same as alpha * sqrt(r) over r
             alpha *= math.sqrt(rank)
-        _add(weights, alphas, comp, module_path(name + ".weight"), a, b, alpha)
+        _add(weights, alphas, comp, module_path(module + ".weight"), a, b, alpha)
     if not weights:
         raise LoRAFileError(f"{path}: none of its adapters fits a layer of the model")
     return LoRA(weights, alphas), skipped
@@ -382,19 +390,21 @@ def _load_peft(path, tensors: dict, metadata: dict, params, strict: bool) -> tup
 
 # kohya / A1111 ---------------------------------------------------------------------------------------------
 
-# the component each prefix adapts; SDXL's lora_te1_ / lora_te2_ are recognised to be refused by name
-KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text"}
+# the component each prefix adapts: SDXL's files name its two text encoders lora_te1_ (CLIP ViT-L) and lora_te2_
+# (OpenCLIP bigG)
+KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text", "lora_te1": "text", "lora_te2": "text_2"}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA = re.compile(r"^(?P<prefix>lora_unet|lora_te[12]?)_(?P<module>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight"
                     r"|alpha)$")
 # the original LDM U-Net's module names, which some trainers (and A1111's own converter) write instead of diffusers'
-_LDM_UNET = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "out_2")
+_LDM_UNET = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_2")
 _LDM_IO = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
 _LDM_MID = re.compile(r"^middle_block_(\d+)_(.+)$")
 _LDM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
                "skip_connection": "conv_shortcut"}
 _LDM_DIRECT = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
-               "time_embed_2": "time_embedding_linear_2"}
+               "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+               "label_emb_0_2": "add_embedding_linear_2"}
 # parts of LyCORIS' other adapters and of DoRA, named in the refusal
 _NOT_LORA = re.compile(r"\.(hada_|lokr_|dora_scale|lora_mid|diff|on_input|weight_decompose)")
 
@@ -418,6 +428,8 @@ def _ldm_name(name: str, index: dict) -> str:
     levels hold ``layers`` resnets (down) or ``layers + 1`` (up), counted in ``index``. LDM numbers the input
     blocks 1.. through each level's (resnet, attention) pairs and then its downsampler, and the output blocks
     through each level's (resnet, attention[, upsampler]) triples; the middle block is resnet, attention, resnet.
+    SDXL's layout reads the same: a level without attention (its first) holds no ``_1`` attention, and a deeper
+    transformer only adds ``transformer_blocks_<n>`` inside the attention's name.
     Anything that does not parse comes back unchanged, to be reported as naming no module."""
     if name in _LDM_DIRECT:
         return _LDM_DIRECT[name]
@@ -449,13 +461,14 @@ def _ldm_name(name: str, index: dict) -> str:
 
 def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
     """kohya's layout (sd-scripts' networks/lora.py, and A1111's reader): ``lora_unet_<module>`` for the U-Net and
-    ``lora_te_<module>`` for the text encoder, each with ``.lora_down.weight`` (r, in[, kh, kw]),
-    ``.lora_up.weight`` (out, r[, 1, 1]) and optionally ``.alpha`` (default r); delta W = (alpha / r) up @ down.
+    ``lora_te_<module>`` for the text encoder (SDXL: ``lora_te1_`` and ``lora_te2_`` for its two), each with
+    ``.lora_down.weight`` (r, in[, kh, kw]), ``.lora_up.weight`` (out, r[, 1, 1]) and optionally ``.alpha``
+    (default r); delta W = (alpha / r) up @ down.
     Module names are diffusers' with dots as underscores, matched against the model's own module paths; U-Net
     names in the original LDM layout are first renamed to diffusers' (``_ldm_name``)."""
-    if sdxl := sorted(k for k in tensors if k.startswith(("lora_te1_", "lora_te2_"))):
-        raise LoRAFileError(f"{path}: an SDXL LoRA ({sdxl[0]}: lora_te1_ / lora_te2_ name SDXL's two text encoders); "
-                            f"jaxdiff's Stable Diffusion is 1.x / 2.x")
+    if "text_2" not in params and (sdxl := sorted(k for k in tensors if k.startswith(("lora_te1_", "lora_te2_")))):
+        raise LoRAFileError(f"{path}: an SDXL LoRA ({sdxl[0]}: lora_te1_ / lora_te2_ name SDXL's two text encoders) "
+                            f"for a model without SDXL's second text encoder")
     parts: dict = {}
     unknown = []
     for key, value in tensors.items():
@@ -483,7 +496,7 @@ def _load_kohya(path, tensors: dict, params, strict: bool) -> tuple[LoRA, list]:
         index = indexes.setdefault(comp, _kohya_names(params[comp]))
         if comp == "unet" and name.startswith(_LDM_UNET):
             name = _ldm_name(name, index)
-        if comp == "text" and name not in index:  # written from transformers 5's CLIP, which has no text_model level
+        if comp in ("text", "text_2") and name not in index:  # written from transformers 5's CLIP: no text_model level
             name = f"text_model_{name}" if f"text_model_{name}" in index else name
         if name not in index:
             unmapped += [f"{key}.{part}" for part in sorted(p)]
