@@ -6,7 +6,9 @@ masks, non-default micro-conditioning with negative sizes, guidance 5, 20 steps,
 The fixture holds DDIM and DPM-Solver++ at diffusers' default strength 0.9999 and at 1. The suite runs
 DPM-Solver++ at the default, the SDXL-specific path (the grid's first step skipped, the image's latents noised,
 the masked image encoded, the extra channels in the doubled batch, the negative time ids of diffusers'
-image-to-image rule) against a bound of 1e-5 (images in [0, 1]); the default and strength 1 differ by far more."""
+image-to-image rule) against a bound of 1e-5 (images in [0, 1]). All four runs measured at most 1e-6 apart by hand;
+strength 1 instead of the default moves the images by more than 1e-2, diffusers' text-to-image time-id rule by
+3.8e-2."""
 
 import os
 import shutil
