@@ -63,7 +63,8 @@ def main(argv=None):
     p.add_argument("--width", type=common.positive_int, default=None, help="image width (default: the model's)")
     p.add_argument("--image", default=None, help="a PNG to start from (image-to-image)")
     p.add_argument("--strength", type=common.finite_float, default=None,
-                   help="how far image-to-image departs, in (0, 1] (default 0.8, inpainting 1; needs --image)")
+                   help="how far image-to-image departs, in (0, 1] (default 0.8, inpainting 1, SDXL inpainting "
+                        "0.9999; needs --image)")
     p.add_argument("--mask", default=None, help="a PNG of the region to repaint, white (inpainting; needs --image)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="compute dtype; auto = bf16 on GPU/TPU, f32 on CPU (float16: not on the CPU)")

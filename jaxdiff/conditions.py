@@ -166,8 +166,11 @@ class SDXLText:
                                         if prompts_2 is None else f"{role}_2")
         return out
 
-    def host_pair(self, prompts, negative, size: tuple[int, int], **options):
-        """(condition, negative condition) as host arrays for images of ``size`` (height, width)."""
+    def host_pair(self, prompts, negative, size: tuple[int, int], *, from_image: bool = False, **options):
+        """(condition, negative condition) as host arrays for images of ``size`` (height, width). ``from_image``:
+        the negative time ids of diffusers' image-to-image and inpainting pipelines (a U-Net without aesthetic
+        score: each negative size defaults to its positive one, and the positive crop is used), not of its
+        text-to-image pipeline."""
         unknown = sorted(set(options) - set(self.OPTIONS))
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)} for SDXL; expected some of "
@@ -197,8 +200,10 @@ class SDXLText:
                                      f"U-Net reads a target size instead")
             target = pair("target_size", size)
             time_ids = original + crops + target
-            neg_ids = time_ids  # diffusers' rule: the negative sizes count only when both are given
-            if o["negative_original_size"] is not None and o["negative_target_size"] is not None:
+            neg_ids = time_ids  # diffusers' text-to-image rule: the negative sizes count only when both are given
+            if from_image:  # its image-to-image and inpainting rule; negative_crops_coords_top_left goes unread
+                neg_ids = pair("negative_original_size", original) + crops + pair("negative_target_size", target)
+            elif o["negative_original_size"] is not None and o["negative_target_size"] is not None:
                 neg_ids = pair("negative_original_size", None) + pair("negative_crops_coords_top_left", (0, 0)) \
                     + pair("negative_target_size", None)
         cond["time_ids"] = np.tile(np.asarray(time_ids, np.float32), (n, 1))

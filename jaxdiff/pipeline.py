@@ -133,6 +133,7 @@ class Pipeline:
     """
 
     inpainting = False  # the U-Net reads a mask and a masked image beside the latents (for_stable_diffusion sets it)
+    inpaint_strength = 1.0  # strength with mask= when none is given: diffusers' (its SDXL inpainting's is 0.9999)
 
     def __init__(self, eps_model, params: dict, schedule, condition, sample_shape, *, decode=None, spec=None,
                  classifier=None, default_gamma: float = 3.0, clip_x0: float | None = 1.0, latent_size=None,
@@ -269,6 +270,7 @@ class Pipeline:
                    latent_size=(sd.latent_factor, sd.default_size), encode=sd.encode, grid=sd.grid,
                    sampler_options=sd.sampler_options, walk=sd.walk, model_output=sd.model_output)
         pipe.inpainting = getattr(sd, "inpainting", False)
+        pipe.inpaint_strength = getattr(sd, "inpaint_strength", 1.0)
         return pipe
 
     @classmethod
@@ -314,7 +316,8 @@ class Pipeline:
 
         ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting (``jaxdiff.inpainting``),
         the mask and masked image fed to an inpainting U-Net (``self.inpainting``), or for a text-to-image U-Net
-        the known region put back after every step; strength defaults to 1, from pure noise, as diffusers does.
+        the known region put back after every step; strength defaults to 1, from pure noise, as diffusers does (SDXL:
+        0.9999, diffusers' SDXL default, which skips the grid's first step and starts from the noised image).
 
         ``denoising_end`` / ``denoising_start`` in (0, 1) (SDXL's ensemble of experts, as diffusers): stop at,
         or start from, the first grid timestep below (1 - fraction) of the training steps; with ``denoising_end``
@@ -344,7 +347,8 @@ class Pipeline:
         shape = self._shape(height, width)
         if hasattr(self.condition, "host_pair"):
             size = (shape[0] * self.latent_size[0], shape[1] * self.latent_size[0])
-            cond, uncond = self.condition.host_pair(condition, negative, size, **settings)
+            cond, uncond = self.condition.host_pair(condition, negative, size, **settings,
+                                                    from_image=image is not None or denoising_start is not None)
             n = conditions.batch_size(cond)
         elif settings:
             raise ValueError(f"unknown keyword argument(s) {', '.join(sorted(settings))} for this pipeline")
@@ -444,7 +448,7 @@ class Pipeline:
         if mask is None:
             raise ValueError("this pipeline's U-Net is an inpainting U-Net: pass mask= (uint8 (H, W) or (N, H, W), "
                              "white = repaint) with image=")
-        return 1.0 if strength is None else strength
+        return self.inpaint_strength if strength is None else strength
 
     def load_lora(self, path, scale: float = 1.0, *, strict: bool = True) -> Pipeline:
         """Apply a LoRA file (``jaxdiff.lora.save``'s, one diffusers / peft wrote, or kohya's / A1111's

@@ -56,8 +56,9 @@ def test_text_states_pooled_output_and_one_unet_call(base, ref):
         assert out["states"].shape == (2, 77, 16 + 8)  # both encoders' penultimate states, concatenated
         np.testing.assert_allclose(out["states"], ref[f"text/{name}states"], atol=1e-5)
         np.testing.assert_allclose(out["text_embeds"], ref[f"text/{name}pooled"], atol=1e-5)
-    unet = jax.jit(lambda ids: sd.unet.apply(sd.params["unet"], ref["latents"], jnp.asarray(ref["unet/t"]), None,
-                                             ref["text/states"], None, ref["text/pooled"], ids))
+    # through model_output, the entry the sigma walks (the folder's default Euler) call; it reads diffusers' t + 1
+    unet = jax.jit(lambda ids: sd.model_output(sd.params, ref["latents"], jnp.asarray(ref["unet/t"]) + 1, {
+        "states": ref["text/states"], "text_embeds": ref["text/pooled"], "time_ids": ids}))
     eps = unet(ref["unet/time_ids"])
     np.testing.assert_allclose(eps, ref["unet/eps"], atol=1e-5)
     # the time ids matter: another original size gives another eps
@@ -109,9 +110,11 @@ def test_bad_settings_are_named(base, refiner):
     with pytest.raises(ValueError, match="aesthetic_score is for a refiner"):
         base.sample(PROMPTS, aesthetic_score=6.0, steps=2)
     with pytest.raises(ValueError, match="denoising_start needs latents"):
-        refiner.sample(PROMPTS, denoising_start=0.5, steps=4)
+        refiner.sample(PROMPTS, denoising_start=0.5, sampler="ddim", steps=4)
     with pytest.raises(ValueError, match=r"denoising_end must be a number in \(0, 1\)"):
-        base.sample(PROMPTS, denoising_end=1.5, steps=4)
+        base.sample(PROMPTS, denoising_end=1.5, sampler="ddim", steps=4)
+    with pytest.raises(ValueError, match="denoising_end and denoising_start take a sampler with a timestep grid"):
+        base.sample(PROMPTS, denoising_end=0.5, steps=4)  # the folder's Euler, a sigma walk
 
 
 def test_a_wrong_requires_aesthetics_score_is_named_before_weights_are_read(tmp_path):

@@ -1,12 +1,13 @@
-"""A diffusers SDXL folder (StableDiffusionXLPipeline, or StableDiffusionXLImg2ImgPipeline: the refiner) ->
-the parts a jaxdiff ``Pipeline`` runs.
+"""A diffusers SDXL folder (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline: the refiner, or
+StableDiffusionXLInpaintPipeline: a U-Net of 9 input channels) -> the parts a jaxdiff ``Pipeline`` runs.
 
 The base has two text encoders (CLIP ViT-L as ``CLIPTextModel``, OpenCLIP bigG as ``CLIPTextModelWithProjection``)
 whose penultimate hidden states are concatenated, the second's projected pooled output feeding the U-Net's
 "text_time" embedding with the micro-conditioning (``jaxdiff.conditions.SDXLText``). The refiner lists
 text_encoder and tokenizer as null and reads the second encoder only, with an aesthetic score in its time ids
-(``requires_aesthetics_score``). The rest (scheduler grids, t - 1 for the U-Net, image-to-image) is
-``StableDiffusion``'s.
+(``requires_aesthetics_score``). An inpainting U-Net reads the mask and the masked image's latents after the
+noisy latents (``jaxdiff.inpainting``), as SD 1.x/2.x's; diffusers' SDXL inpainting defaults to strength 0.9999
+(``inpaint_strength``). The rest (scheduler grids, t - 1 for the U-Net, image-to-image) is ``StableDiffusion``'s.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import conditions, specs
-from jaxdiff.parametrization import eps_from_v
+from jaxdiff import conditions, inpainting, specs
 from jaxdiff.pretrained import folder as folders
 from jaxdiff.pretrained import scheduler, weights
 from jaxdiff.pretrained import tokenizer as tokenizers
 from jaxdiff.pretrained.stable_diffusion import StableDiffusion, check_parts, compute_settings
 
-SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 
 
 def is_sdxl(index: folders.PipelineIndex) -> bool:
@@ -55,6 +55,7 @@ class StableDiffusionXL(StableDiffusion):
     (SDXL's VAE overflows in float16): its parameters are cast to float32 inside the compiled call."""
 
     default_gamma = 5.0
+    inpaint_strength = 0.9999  # StableDiffusionXLInpaintPipeline's default: the grid's first step is skipped
 
     def __init__(self, unet_spec, vae_spec, text_spec, text_2_spec, params: dict, tokenizer, tokenizer_2,
                  scheduler_config: dict, settings: dict | None = None, *, dtype=jnp.float32,
@@ -80,6 +81,7 @@ class StableDiffusionXL(StableDiffusion):
         self.prediction = scheduler.prediction_type(scheduler_config)
         self.latent_factor = 2 ** (len(self.vae.block_out_channels) - 1)
         self.latent_channels = self.vae.latent_channels
+        self.inpainting = unet_cfg.get("in_channels", 4) == 2 * self.latent_channels + 1
         self.default_size = tuple(s * self.latent_factor for s in self.default_size)
         self.latents_mean, self.latents_std = vae_cfg.get("latents_mean"), vae_cfg.get("latents_std")
         self.force_zeros = bool(settings.get("force_zeros_for_empty_prompt", True))
@@ -120,13 +122,12 @@ class StableDiffusionXL(StableDiffusion):
     def save_pretrained(self, folder, params: dict | None = None, *, dtype=None):
         raise NotImplementedError("save_pretrained does not write SDXL folders yet")
 
-    def eps_model(self, params, z, t, c):
-        """eps of the latents z_t at jaxdiff's t; ``c`` is ``SDXLText.network``'s dict (states, text_embeds,
-        time_ids)."""
-        out = self.unet.apply(params["unet"], z, t - 1, None, c["states"], None, c["text_embeds"], c["time_ids"])
-        if self.prediction == "v_prediction":
-            out = eps_from_v(z, out, alpha_bar=self.schedule.alpha_bar(t))
-        return out
+    def model_output(self, params, z, t, c, extra=None):
+        """The U-Net's raw output at jaxdiff's t (``eps_model`` converts v to eps; the sigma walks read this);
+        ``c`` is ``SDXLText.network``'s dict (states, text_embeds, time_ids), ``extra`` an inpainting U-Net's
+        mask and masked-image channels, read after z."""
+        x = z if extra is None else inpainting.unet_input(z, extra)
+        return self.unet.apply(params["unet"], x, t - 1, None, c["states"], None, c["text_embeds"], c["time_ids"])
 
     def _vae_params(self, params):
         if not self.force_upcast:
