@@ -539,7 +539,7 @@ class Pipeline:
             raise ValueError("image-to-image needs a latent pipeline with an encoder (Stable Diffusion)")
         if grid is None:
             raise ValueError(f"image-to-image takes a sampler with a timestep grid ({', '.join(_GRID_SAMPLERS)}), "
-                             f"got {sampler!r}")
+                             f"got {_sampler_name(sampler)}")
         value = 0.8 if strength is None else _real(strength)
         if value is None or not 0 < value <= 1:
             raise ValueError(f"strength must be in (0, 1] (a real number), got {strength!r}")
@@ -561,7 +561,7 @@ class Pipeline:
             return grid, False
         if grid is None:
             raise ValueError(f"denoising_end and denoising_start take a sampler with a timestep grid "
-                             f"({', '.join(_GRID_SAMPLERS)}), got {sampler!r}")
+                             f"({', '.join(_GRID_SAMPLERS)}), got {_sampler_name(sampler)}")
         which = "denoising_end" if end is not None else "denoising_start"
         if end is not None and start is not None:
             raise ValueError("give denoising_end (the base of an ensemble) or denoising_start (the refiner), not both")
@@ -634,6 +634,15 @@ class Pipeline:
 
 
 _GRID_SAMPLERS = ("ddim", "dpm++")
+
+
+def _sampler_name(sampler) -> str:
+    """A sampler as an error message names it: the name asked for, and the diffusers walk it resolved to."""
+    if isinstance(sampler, str):
+        return repr(sampler)
+    if hasattr(sampler, "asked"):
+        return f"{sampler.asked!r} (diffusers' {sampler.scheduler_class} walk)"
+    return getattr(sampler, "__name__", repr(sampler))
 
 
 def _report(asked, sampler: str, steps, grid) -> dict:
