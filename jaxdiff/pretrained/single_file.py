@@ -33,6 +33,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -343,7 +344,8 @@ def _load_part(part: str, template: dict, mapping: dict, checkpoint, path: Path)
             elif split:
                 n = array.shape[0] // split.parts
                 part_array = array[split.index * n:(split.index + 1) * n]
-            out[fp] = jnp.asarray(to_flax(fp, part_array, tuple(np.shape(flat[fp]))))
+            # device_put, not jnp.asarray, which compiles a small program for every new shape (seconds in all)
+            out[fp] = jax.device_put(np.ascontiguousarray(to_flax(fp, part_array, tuple(np.shape(flat[fp])))))
     if bad:
         raise weights._non_finite_error(name, checkpoint, bad)
     params = weights._unflatten(out)
