@@ -188,9 +188,9 @@ def _open(path: Path):
 def load(path, *, config=None, prediction_type: str | None = None, ema: bool | None = None, dtype=jnp.float32,
          attention: str | None = None, quiet: bool = False):
     """``path``: a .safetensors file in the original layout. ``config``: a diffusers folder whose unet/,
-    vae/, text_encoder/ configs, tokenizer/ and scheduler/ describe the same model (else inferred, see
-    the module doc). ``prediction_type``: "epsilon" or "v_prediction" (None: the folder's, else 1.x
-    epsilon, 2.x v_prediction). ``ema``: True / False / None (the EMA copy when the file has one).
+    vae/, text_encoder(_2)/ configs, tokenizer(s) and scheduler/ describe the same model (else inferred, see
+    the module doc). ``prediction_type``: "epsilon" or "v_prediction" (None: the folder's, else 1.x and
+    SDXL epsilon, 2.x v_prediction). ``ema``: True / False / None (the EMA copy when the file has one).
     A one-line note on stderr says what was chosen unless ``quiet``."""
     from jaxdiff.pretrained.sdxl import check_added_width
     from jaxdiff.pretrained.stable_diffusion import StableDiffusion, check_parts, compute_settings
