@@ -47,7 +47,6 @@ from jaxdiff.pretrained.ldm_layout import UNET, VAE, NotStableDiffusion, Split, 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                 set_alpha_to_one=False, steps_offset=1, trained_betas=None, clip_sample=False)
-# the scheduler configs of SD-1.5's and SD-2.1's folders
 _XL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **SCHEDULE, "skip_prk_steps": True,
                  "interpolation_type": "linear", "sample_max_value": 1.0, "timestep_spacing": "leading",
                  "use_karras_sigmas": False}
