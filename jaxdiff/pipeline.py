@@ -247,14 +247,15 @@ class Pipeline:
     @classmethod
     def from_single_file(cls, path, *, config=None, prediction_type: str | None = None, ema: bool | None = None,
                          dtype=jnp.float32, attention: str | None = None) -> Pipeline:
-        """Stable Diffusion 1.x / 2.x from one .safetensors file in the original (A1111 / LDM) layout::
+        """Stable Diffusion 1.x / 2.x / SDXL from one .safetensors file in the original (A1111 / LDM / SGM) layout::
 
             pipe = Pipeline.from_single_file("v1-5-pruned-emaonly.safetensors")
             pipe = Pipeline.from_single_file("v2-1_512-ema-pruned.safetensors", prediction_type="epsilon")
+            pipe = Pipeline.from_single_file("sd_xl_base_1.0.safetensors")  # or the refiner's file
 
         Configs are inferred from the tensors' shapes (``config``: a diffusers folder of the same model
-        instead); the tokenizer is CLIP's, shipped with jaxdiff. ``prediction_type``: None (1.x epsilon,
-        2.x v_prediction, as diffusers assumes), "epsilon" or "v_prediction". ``ema``: None reads the
+        instead); the tokenizer is CLIP's, shipped with jaxdiff. ``prediction_type``: None (1.x and SDXL
+        epsilon, 2.x v_prediction, as diffusers assumes), "epsilon" or "v_prediction". ``ema``: None reads the
         U-Net's EMA copy when the file has one. See ``jaxdiff.pretrained.single_file``."""
         from jaxdiff.pretrained import single_file
 

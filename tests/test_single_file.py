@@ -291,8 +291,8 @@ def test_the_shipped_vocabulary_tokenizes_as_transformers_does():
 
 
 def test_bad_files_are_one_clear_error(tmp_path):
-    """An unknown tensor is named; a pickle, a folder, a diffusers component file, an SDXL file and a bad
-    prediction_type are refused before any weight is read."""
+    """An unknown tensor is named; a pickle, a folder, a diffusers component file, an SDXL text encoder alone and
+    a bad prediction_type are refused before any weight is read."""
     def extra(t):
         t["model.diffusion_model.label_emb.0.0.weight"] = np.zeros((2, 2), np.float16)
     with pytest.raises(single_file.UnknownKeys, match=r"1 tensor\(s\) that no .*\n  model\.diffusion_model\.label_emb"
@@ -319,7 +319,8 @@ def test_bad_files_are_one_clear_error(tmp_path):
     xl = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": np.zeros(2, np.float16)},
               str(xl))
-    with pytest.raises(ldm_layout.NotStableDiffusion, match="an SDXL checkpoint"):
+    with pytest.raises(ldm_layout.NotStableDiffusion, match=r"an SDXL checkpoint \(conditioner\.embedders\.\*\) "
+                                                            r"without model\.diffusion_model\.\* keys"):
         Pipeline.from_single_file(xl)
     with pytest.raises(ValueError, match="prediction_type must be one of 'epsilon', 'v_prediction'"):
         Pipeline.from_single_file(xl, prediction_type="v")

@@ -11,15 +11,19 @@ This module turns one checkpoint key into the diffusers key(s) of the same tenso
 - the autoencoder (``first_stage_model.``): ``down.b.block.j`` -> ``down_blocks.b.resnets.j``; the decoder's
   ``up.k`` counts from the lowest resolution, diffusers' ``up_blocks`` from the highest (k -> n - 1 - k);
   the mid attention's ``q``/``k``/``v``/``proj_out`` are 1x1 convolutions (the loader reshapes them).
+- SDXL (SGM's layout): the same U-Net numbering plus ``label_emb.0.0`` / ``label_emb.0.2`` (the "text_time"
+  add-embedding); its text encoders are ``conditioner.embedders.0.transformer.`` (CLIP ViT-L, the SD 1.x layout)
+  and ``conditioner.embedders.1.model.`` (OpenCLIP bigG, the SD 2.x layout, every block used, and its
+  ``text_projection`` used as CLIPTextModelWithProjection's: OpenCLIP multiplies x @ P, a Linear stores P.T,
+  hence ``Transposed``); the refiner has the OpenCLIP one only, as ``conditioner.embedders.0.model.``.
 - the text encoder: SD 1.x's ``cond_stage_model.transformer.`` is transformers' CLIPTextModel already;
   SD 2.x's ``cond_stage_model.model.`` is OpenCLIP's, whose fused ``in_proj`` holds q, k and v stacked
   (``Split``), and whose last residual block SD 2.x never runs (it reads the penultimate layer's states,
   as diffusers' 23-layer text encoder does): blocks past the text config's depth are dropped, listed.
 
-A key maps to ``str`` (one diffusers key), ``Split`` (a slice of a fused tensor), ``DROPPED`` (a known
-tensor jaxdiff does not use, say why in ``IGNORED``) or ``None`` (unknown: the loader names it in an error).
-SDXL's ``conditioner.embedders.0.transformer.`` (CLIP) and ``conditioner.embedders.1.model.`` (OpenCLIP)
-are the same two text layouts under other prefixes: one more entry in ``PARTS`` when SDXL's U-Net exists.
+A key maps to ``str`` (one diffusers key), ``Split`` (a slice of a fused tensor), ``Transposed``,
+``DROPPED`` (a known tensor jaxdiff does not use, say why in ``IGNORED``) or ``None`` (unknown: the loader names
+it in an error).
 """
 
 from __future__ import annotations
@@ -29,11 +33,18 @@ from dataclasses import dataclass
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPEN_CLIP, XL_REFINER_CLIP = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.",
+                                          "conditioner.embedders.0.model.")
 # model type -> (jaxdiff part, prefix, layout); what ``detect`` recognises
 PARTS = {
     "sd1": (("unet", UNET, "unet"), ("vae", VAE, "vae"), ("text", CLIP, "clip")),
     "sd2": (("unet", UNET, "unet"), ("vae", VAE, "vae"), ("text", OPEN_CLIP, "open_clip")),
+    "sdxl": (("unet", UNET, "unet"), ("vae", VAE, "vae"), ("text", XL_CLIP, "clip"),
+             ("text_2", XL_OPEN_CLIP, "open_clip_projected")),
+    "sdxl_refiner": (("unet", UNET, "unet"), ("vae", VAE, "vae"), ("text_2", XL_REFINER_CLIP, "open_clip_projected")),
 }
+# SDXL's "text_time" add-embedding (LDM's label_emb: Linear, SiLU, Linear)
+SDXL_UNET = {"label_emb.0.0": ("add_embedding.linear_1", False), "label_emb.0.2": ("add_embedding.linear_2", False)}
 EMA_PREFIX = "model_ema."
 
 # tensors a single file may hold that no jaxdiff parameter takes, and why
@@ -51,9 +62,20 @@ IGNORED = {
     OPEN_CLIP + "text_projection": "the contrastive projection: SD uses the text states before it",
     OPEN_CLIP + "logit_scale": "the contrastive temperature",
     OPEN_CLIP + "attn_mask": "the causal mask (a buffer)",
+    "denoiser.sigmas": "SGM's sampling sigmas (a buffer; the scheduler config holds them)",
+    XL_CLIP + "text_model.embeddings.position_ids": "a buffer of 0..76",
+    **{prefix + name: why for prefix in (XL_OPEN_CLIP, XL_REFINER_CLIP) for name, why in (
+        ("logit_scale", "the contrastive temperature"), ("attn_mask", "the causal mask (a buffer)"))},
 }
 IGNORED_PREFIXES = {"first_stage_model.loss.": "the autoencoder's training loss (LPIPS, discriminator)"}
 DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """The transpose of a file tensor (OpenCLIP's text_projection P, used as x @ P; a Linear holds P.T)."""
+
+    key: str
 
 
 @dataclass(frozen=True)
@@ -70,16 +92,15 @@ class Split:
 
 
 class NotStableDiffusion(ValueError):
-    """A safetensors file that is not a Stable Diffusion 1.x / 2.x checkpoint in the original layout."""
+    """A safetensors file that is not a Stable Diffusion 1.x / 2.x / SDXL checkpoint in the original layout."""
 
 
 def detect(keys) -> str:
-    """"sd1" or "sd2" from the keys alone (the text encoder's layout tells them apart)."""
+    """"sd1", "sd2", "sdxl" or "sdxl_refiner" from the keys alone (the text encoders' layout tells them apart)."""
     keys = set(keys)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)
     if has("conditioner.embedders."):
-        raise NotStableDiffusion("an SDXL checkpoint (conditioner.embedders.*): jaxdiff reads SD 1.x and 2.x single "
-                                 "files; SDXL is not supported yet")
+        return _detect_sdxl(has, keys)
     if not has(UNET):
         sample = ", ".join(sorted(keys)[:3]) or "no tensors"
         diffusers_part = any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in keys)
@@ -98,6 +119,23 @@ def detect(keys) -> str:
     other = sorted({".".join(k.split(".")[:2]) for k in keys if k.startswith("cond_stage_model.")})
     raise NotStableDiffusion(f"unknown text encoder layout {', '.join(other)}: expected {CLIP}* (SD 1.x) or "
                              f"{OPEN_CLIP}* (SD 2.x)")
+
+
+def _detect_sdxl(has, keys) -> str:
+    for prefix in (UNET, VAE):
+        if not has(prefix):
+            raise NotStableDiffusion(f"an SDXL checkpoint (conditioner.embedders.*) without {prefix}* keys: jaxdiff "
+                                     f"reads whole-pipeline files (U-Net, autoencoder and text encoders)")
+    if not has(UNET + "label_emb.0.0."):
+        raise NotStableDiffusion(f"conditioner.embedders.* but no {UNET}label_emb.0.0.*: not an SDXL U-Net (SDXL's "
+                                 f"takes the pooled text and sizes through label_emb)")
+    if has(XL_CLIP) and has(XL_OPEN_CLIP):
+        return "sdxl"
+    if has(XL_REFINER_CLIP) and not has("conditioner.embedders.1."):
+        return "sdxl_refiner"
+    found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.embedders.")})
+    raise NotStableDiffusion(f"unknown SDXL text encoder layout {', '.join(found)}: expected {XL_CLIP}* and "
+                             f"{XL_OPEN_CLIP}* (base) or {XL_REFINER_CLIP}* alone (refiner)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,9 +297,12 @@ def clip_key(key: str) -> str | None:
     return key if key.startswith("text_model.") else f"text_model.{key}"
 
 
-def open_clip_key(key: str, layers: int):
+def open_clip_key(key: str, layers: int, projected: bool = False):
     """The CLIPTextModel key(s) of an OpenCLIP text key (without its prefix): a str, a tuple of three
-    ``Split`` (in_proj), ``DROPPED`` for blocks at or past ``layers`` (the penultimate-layer rule), or None."""
+    ``Split`` (in_proj), ``DROPPED`` for blocks at or past ``layers`` (the penultimate-layer rule), or None.
+    ``projected``: CLIPTextModelWithProjection's, whose text_projection is OpenCLIP's, transposed (SDXL)."""
+    if projected and key == "text_projection":
+        return Transposed("text_projection.weight")
     if key in OPEN_CLIP_FIXED:
         return OPEN_CLIP_FIXED[key]
     m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
@@ -295,7 +336,8 @@ def ema_name(key: str) -> str:
 
 def plan(keys, model_type: str, *, text_layers: int | None = None, ema: bool | None = None):
     """Every key of the file -> (part, target) with target as ``unet_key`` etc. give it, and the keys that
-    map nowhere. ``ema``: read the U-Net from ``model_ema.*`` (None: when the file has them).
+    map nowhere. ``text_layers``: the OpenCLIP encoder's depth (its config's num_hidden_layers). ``ema``: read
+    the U-Net from ``model_ema.*`` (None: when the file has them).
     Returns (mapping, unknown, used_ema)."""
     keys = list(keys)
     unet_keys = [k for k in keys if k.startswith(UNET)]
@@ -305,14 +347,18 @@ def plan(keys, model_type: str, *, text_layers: int | None = None, ema: bool | N
         raise ValueError("ema=True, but the file holds no complete model_ema.* copy of the U-Net")
     use_ema = has_ema if ema is None else bool(ema)
     layout = UNetLayout.from_keys([k[len(UNET):] for k in unet_keys]).modules()
+    if model_type.startswith("sdxl"):
+        layout.update(SDXL_UNET)
     vae_table = vae_modules([k[len(VAE):] for k in keys if k.startswith(VAE)])
     rules = {"unet": lambda k: unet_key(k, layout), "vae": lambda k: vae_key(k, vae_table), "clip": clip_key}
     for _, prefix, name in PARTS[model_type]:
-        if name == "open_clip":
+        if name.startswith("open_clip"):
             blocks = open_clip_blocks([k[len(prefix):] for k in keys if k.startswith(prefix)])
-            # SD 2.x reads the penultimate block's states: its text config has one layer less than stored
-            depth = blocks - 1 if text_layers is None else text_layers
-            rules["open_clip"] = lambda k, depth=depth: open_clip_key(k, depth)
+            projected = name == "open_clip_projected"
+            # SD 2.x reads the penultimate block's states: its text config has one layer less than stored (SDXL
+            # takes the penultimate hidden states from a model that keeps every block)
+            depth = (blocks if projected else blocks - 1) if text_layers is None else text_layers
+            rules[name] = lambda k, depth=depth, projected=projected: open_clip_key(k, depth, projected)
     mapping, unknown = {}, []
     for key in keys:
         if key in IGNORED or any(key.startswith(p) for p in IGNORED_PREFIXES):
