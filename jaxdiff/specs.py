@@ -55,8 +55,9 @@ class Spec:
         raise NotImplementedError
 
     def init(self, seed: int = 0):
-        """Fresh float32 parameters."""
-        return self.module().init(jax.random.key(seed), *self.init_inputs())
+        """Fresh float32 parameters. One compiled program: run op by op, XLA:CPU compiles each of the
+        initialisation's hundreds of operations by itself (seconds for a small U-Net)."""
+        return jax.jit(lambda key: self.module().init(key, *self.init_inputs()))(jax.random.key(seed))
 
     def template(self):
         """The parameters' shapes and dtypes (jax.ShapeDtypeStruct), nothing allocated."""
@@ -290,10 +291,15 @@ class ContrastiveText(Spec):
 
     def init(self, seed: int = 0):
         text, image = self.module()
-        k1, k2 = jax.random.split(jax.random.key(seed))
-        ids, mask = jnp.zeros((1, self.max_len), jnp.int32), jnp.ones((1, self.max_len), bool)
-        return {"text": text.init(k1, ids, mask), "image": image.init(k2, _x(self.image_shape)),
-                "logit_scale": jnp.asarray(np.log(10.0), jnp.float32)}
+
+        @jax.jit  # one compiled program, not op by op (see Spec.init)
+        def init(key):
+            k1, k2 = jax.random.split(key)
+            ids, mask = jnp.zeros((1, self.max_len), jnp.int32), jnp.ones((1, self.max_len), bool)
+            return {"text": text.init(k1, ids, mask), "image": image.init(k2, _x(self.image_shape)),
+                    "logit_scale": jnp.asarray(np.log(10.0), jnp.float32)}
+
+        return init(jax.random.key(seed))
 
     def tokenizer(self):
         from jaxdiff.nets.text import Tokenizer
