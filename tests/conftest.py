@@ -25,17 +25,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # collection order, and one of these started last would keep one worker busy alone while the other idles.
 # A test sharing a trained run (xdist_group) moves with its whole group, which runs on one worker.
 SLOW_FIRST = [
-    "test_distributed.py::test_two_processes_train_as_one_process_write_as_one_and_resume_exactly",
-    "test_experiments.py::test_a_failed_save_exits_promptly_in_one_line_and_a_resume_continues",  # cfg_run group
-    "test_sharding.py::test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly",
+    "test_experiments.py::test_evaluate_reports_what_a_recomputation_gives",  # the cfg_run group, with its run
     "test_experiments.py::test_text_to_image_end_to_end",
-    "test_sharding.py::test_two_processes_with_the_fsdp_axis_across_them_train_as_one_device",
+    "test_experiments.py::test_cond_and_classifier_guidance_end_to_end",
+    "test_distributed.py::test_two_processes_train_as_one_process_write_as_one_and_resume_exactly",
     "test_readme.py::test_the_readme_example_runs",
     "test_benchmarks.py::",
-    "test_experiments.py::test_cond_and_classifier_guidance_end_to_end",
+    "test_sharding.py::test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly",
+    "test_experiments.py::test_superres_end_to_end",
+    "test_sharding.py::test_two_processes_with_the_fsdp_axis_across_them_train_as_one_device",
+    "test_experiments.py::test_mixture_demo_prints_every_sampler_with_its_cost",
     "test_sd_finetune.py::",
     "test_sd_train.py::",
-    "test_experiments.py::test_superres_end_to_end",
     "test_autoencoder.py::test_autoencoder_learns_to_reconstruct_a_batch",
 ]
 
