@@ -30,6 +30,7 @@ SLOW_FIRST = [
     "test_experiments.py::test_cond_and_classifier_guidance_end_to_end",
     "test_distributed.py::test_two_processes_train_as_one_process_write_as_one_and_resume_exactly",
     "test_readme.py::test_the_readme_example_runs",
+    "test_train.py::test_data_parallel_on_4_cpu_devices_equals_single_device",
     "test_benchmarks.py::",
     "test_sharding.py::test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly",
     "test_experiments.py::test_superres_end_to_end",
