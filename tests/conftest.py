@@ -21,6 +21,38 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+# The longest tests (measured, slowest first), started before the rest: pytest-xdist hands tests out in
+# collection order, and one of these started last would keep one worker busy alone while the other idles.
+# A test sharing a trained run (xdist_group) moves with its whole group, which runs on one worker.
+SLOW_FIRST = [
+    "test_experiments.py::test_evaluate_reports_what_a_recomputation_gives",  # the cfg_run group, with its run
+    "test_experiments.py::test_text_to_image_end_to_end",
+    "test_experiments.py::test_cond_and_classifier_guidance_end_to_end",
+    "test_distributed.py::test_two_processes_train_as_one_process_write_as_one_and_resume_exactly",
+    "test_readme.py::test_the_readme_example_runs",
+    "test_train.py::test_data_parallel_on_4_cpu_devices_equals_single_device",
+    "test_benchmarks.py::",
+    "test_sharding.py::test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly",
+    "test_experiments.py::test_superres_end_to_end",
+    "test_sharding.py::test_two_processes_with_the_fsdp_axis_across_them_train_as_one_device",
+    "test_experiments.py::test_mixture_demo_prints_every_sampler_with_its_cost",
+    "test_sd_finetune.py::",
+    "test_sd_train.py::",
+    "test_autoencoder.py::test_autoencoder_learns_to_reconstruct_a_batch",
+]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return next((i for i, name in enumerate(SLOW_FIRST) if name in item.nodeid), len(SLOW_FIRST))
+
+    ranks = {item: rank(item) for item in items}
+    for item in items:  # a group takes its best-placed member's rank and stays together
+        if (mark := item.get_closest_marker("xdist_group")) is not None:
+            group = [i for i in items if (m := i.get_closest_marker("xdist_group")) and m.args == mark.args]
+            ranks[item] = min(ranks[i] for i in group)
+    items.sort(key=ranks.__getitem__)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def linear_schedule():
