@@ -113,9 +113,26 @@ def test_bad_settings_are_named(base, refiner):
         refiner.sample(PROMPTS, denoising_start=0.5, sampler="ddim", steps=4)
     with pytest.raises(ValueError, match=r"denoising_end must be a number in \(0, 1\)"):
         base.sample(PROMPTS, denoising_end=1.5, sampler="ddim", steps=4)
-    with pytest.raises(ValueError, match=r"take a sampler with a timestep grid \(ddim, dpm\+\+\), got 'auto' "
-                                         r"\(diffusers' EulerDiscreteScheduler walk\)$"):
-        base.sample(PROMPTS, denoising_end=0.5, steps=4)  # the folder's Euler, a sigma walk
+    with pytest.raises(ValueError, match=r"take a sampler with a timestep grid \(ddim, dpm\+\+, or a diffusers walk "
+                                         r"such as 'auto'\), got 'heun'$"):
+        base.sample(PROMPTS, denoising_end=0.5, sampler="heun", steps=4)  # jaxdiff's own Heun: no grid
+
+
+@pytest.mark.parametrize("sampler, key", [("auto", "ensemble_euler"), ("Heun", "ensemble_heun")])
+def test_base_then_refiner_on_a_sigma_walk_equals_diffusers(base, refiner, ref, sampler, key):
+    """The ensemble under the folders' own EulerDiscreteScheduler and under Heun, 8 steps, denoising_end =
+    denoising_start = 0.75 (fixtures/sd_ksched/pipeline.npz, made by make_ksched_fixtures.py): the base walks the
+    times >= 250 and hands over its sample at the next sigma, the refiner walks on from it unscaled; Heun's base
+    ends on an Euler guess and diffusers' refiner (an even count of doubled timesteps, plus 1) takes that last step
+    again. Measured at most MEASURED apart (images in [0, 1])."""
+    want = np.load(os.path.join(FIXTURES, "sd_ksched", "pipeline.npz"))
+    z = base.sample(PROMPTS, NEGATIVE, sampler=sampler, steps=8, latents=ref["latents"], denoising_end=0.75)
+    assert base.last_sampling["timesteps"][-1] == 251
+    x = refiner.sample(PROMPTS, NEGATIVE, sampler=sampler, steps=8, latents=z, denoising_start=0.75, **REFINER_MICRO)
+    assert refiner.last_sampling["timesteps"][0] == (251 if sampler == "Heun" else 126)
+    err = np.abs(to01(x) - want[f"{key}/images_u16"] / 65535).max()
+    print(key, err)
+    assert err < 1e-4, err
 
 
 def test_a_wrong_requires_aesthetics_score_is_named_before_weights_are_read(tmp_path):
