@@ -313,7 +313,8 @@ class Pipeline:
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
         ``image`` (uint8 (N, H, W, 3); its size when height and width are not given) with ``strength`` in (0, 1]
         (default 0.8): image-to-image, the image's latents noised to the grid's step
-        ``steps - int(steps * strength)`` and denoised from there.
+        ``steps - int(steps * strength)`` (on a sigma walk, to its sigma there, as diffusers' ``add_noise``) and
+        denoised from there.
 
         ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting (``jaxdiff.inpainting``),
         the mask and masked image fed to an inpainting U-Net (``self.inpainting``), or for a text-to-image U-Net
