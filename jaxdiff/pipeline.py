@@ -15,6 +15,7 @@ whole batch. Image i depends on (seed, i) alone, not on how many images were ask
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -313,7 +314,8 @@ class Pipeline:
         as the sampler sees it (e.g. diffusers' latents, transposed to NHWC), instead of the seed's.
         ``image`` (uint8 (N, H, W, 3); its size when height and width are not given) with ``strength`` in (0, 1]
         (default 0.8): image-to-image, the image's latents noised to the grid's step
-        ``steps - int(steps * strength)`` and denoised from there.
+        ``steps - int(steps * strength)`` (on a sigma walk, to its sigma there, as diffusers' ``add_noise``) and
+        denoised from there.
 
         ``mask`` (uint8 (H, W) or (N, H, W), white = repaint) with ``image``: inpainting (``jaxdiff.inpainting``),
         the mask and masked image fed to an inpainting U-Net (``self.inpainting``), or for a text-to-image U-Net
@@ -387,6 +389,8 @@ class Pipeline:
         if start is not None:
             grid = tuple(grid[start:])
         grid, to_latents = self._denoising_range(grid, denoising_end, denoising_start, sampler, image, latents)
+        if getattr(sampler, "raw_output", False):  # a sigma walk scales pure noise by init_noise_sigma, nothing else
+            sampler = dataclasses.replace(sampler, from_sample=image is not None or denoising_start is not None)
         if to_latents and "final_first_order" in options:
             options["final_first_order"] = False  # the base's last step is not the end of diffusers' grid
         if latents is not None:
@@ -397,8 +401,11 @@ class Pipeline:
             if bad:
                 raise ValueError(f"latents holds {bad} non-finite values (NaN or inf) of {latents.size}: the starting "
                                  f"noise must be finite")
-        self.last_sampling = walk.report() if walk is not None and image is None else _report(asked, info.name, steps,
-                                                                                               grid)
+        if walk is not None and walk.raw_output:
+            self.last_sampling = walk.report(grid)
+        else:
+            self.last_sampling = walk.report() if walk is not None and image is None else _report(asked, info.name,
+                                                                                                   steps, grid)
         sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())), to_latents)
         if sig not in self._compiled:
             self._compiled[sig] = jax.jit(partial(self._generate, *sig))
@@ -426,10 +433,9 @@ class Pipeline:
         walk = self.walk(sampler, steps)
         if walk.sampler in ("ddim", "dpm_solver_pp") and not walk.overrides:
             return {"ddim": "ddim", "dpm_solver_pp": "dpm++"}[walk.sampler], walk.steps, walk
-        if image is not None and not walk.noise_at_timestep:
-            what = ", a sigma walk" if walk.raw_output else " with Karras sigmas"
-            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class}{what}) is "
-                             f"not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
+        if image is not None and not walk.noise_at_timestep and not walk.raw_output:
+            raise ValueError(f"image-to-image with sampler {sampler!r} (diffusers' {walk.scheduler_class} with Karras "
+                             f"sigmas) is not supported yet: pass another sampler, e.g. 'ddim' or 'dpm++'")
         return walk, walk.steps, walk
 
     def _stages(self, with_image: bool, with_mask: bool = False) -> list[str]:
@@ -539,8 +545,8 @@ class Pipeline:
         if self.encode is None:
             raise ValueError("image-to-image needs a latent pipeline with an encoder (Stable Diffusion)")
         if grid is None:
-            raise ValueError(f"image-to-image takes a sampler with a timestep grid ({', '.join(_GRID_SAMPLERS)}), "
-                             f"got {_sampler_name(sampler)}")
+            raise ValueError(f"image-to-image takes a sampler with a timestep grid ({', '.join(_GRID_SAMPLERS)}, or a "
+                             f"diffusers walk such as 'auto'), got {_sampler_name(sampler)}")
         value = 0.8 if strength is None else _real(strength)
         if value is None or not 0 < value <= 1:
             raise ValueError(f"strength must be in (0, 1] (a real number), got {strength!r}")
@@ -562,7 +568,8 @@ class Pipeline:
             return grid, False
         if grid is None:
             raise ValueError(f"denoising_end and denoising_start take a sampler with a timestep grid "
-                             f"({', '.join(_GRID_SAMPLERS)}), got {_sampler_name(sampler)}")
+                             f"({', '.join(_GRID_SAMPLERS)}, or a diffusers walk such as 'auto'), got "
+                             f"{_sampler_name(sampler)}")
         which = "denoising_end" if end is not None else "denoising_start"
         if end is not None and start is not None:
             raise ValueError("give denoising_end (the base of an ensemble) or denoising_start (the refiner), not both")
@@ -572,6 +579,10 @@ class Pipeline:
         # diffusers' cutoff in its 0-based tau; jaxdiff's t is tau + 1
         cutoff = int(round(self.schedule.num_timesteps * (1 - value)))
         k = sum(1 for t in grid[:-1] if t - 1 >= cutoff)
+        if start is not None and getattr(sampler, "order", 1) == 2 and k:
+            # diffusers' refiner of an order-2 walk (Heun: every time but the first twice) counts the evaluations
+            # below the cutoff, an even number, plus 1: it begins with the step the base ended with an Euler guess
+            k -= 1
         if end is not None:
             if k == 0:
                 raise ValueError(f"denoising_end {value} stops before the first of the grid's steps: raise it")
@@ -597,13 +608,14 @@ class Pipeline:
             else latents
         run_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
         noise = x_T
+        raw = getattr(sampler, "raw_output", False)
         if image is not None:  # image-to-image: the image's latents, noised to the first step of the grid
             z0 = self.encode(params, image, jax.vmap(jax.random.fold_in, (0, None))(keys, 2))
-            x_T = add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
+            x_T = sampler.noised(z0, x_T, grid) if raw else add_noise(self.schedule, z0, jnp.full((n,), grid[0]), x_T)
         cond, uncond = self.condition.network(params, cond), self.condition.network(params, uncond)
         finite = [_all_finite((cond, uncond))] + ([_all_finite(z0)] if image is not None else [])
         # a sigma walk converts the network's raw output at its own sigma; the others take eps
-        network = self.model_output if getattr(sampler, "raw_output", False) else self.eps_model
+        network = self.model_output if raw else self.eps_model
         model = lambda x, t, c: network(params, x, t, c)
         if inpaint is not None and self.inpainting:  # the mask and masked image's latents ride with each condition
             encode = lambda x: self.encode(params, x, jax.vmap(jax.random.fold_in, (0, None))(keys, 3))
@@ -621,7 +633,8 @@ class Pipeline:
             log_prob = guidance.log_prob_from_logits(lambda x, t: self.classifier(params, x, t))
             eps_fn = guidance.classifier_guidance(lambda x, t: model(x, t, uncond), log_prob, cond, gamma,
                                                   self.schedule)
-        timesteps = None if grid is None else np.asarray(grid, np.int32)
+        # a sigma walk's grid holds its (fractional) times
+        timesteps = None if grid is None else np.asarray(grid, np.float64 if raw else np.int32)
         if callable(sampler):
             x0 = sampler(eps_fn, self.schedule, x_T, key=run_keys, steps=steps, timesteps=timesteps, clip_x0=clip_x0)
         else:

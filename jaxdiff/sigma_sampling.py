@@ -162,6 +162,25 @@ def dpm_walk(alpha_bars, steps: int, *, taus=None, karras: bool = False, final_s
     return _walk(taus, sigmas, final, 1.0)
 
 
+def part(walk: SigmaWalk, first: int = 0, stop: int | None = None, *, from_sample: bool = False) -> SigmaWalk:
+    """Steps ``first`` .. ``stop - 1`` of ``walk`` (diffusers' ``set_begin_index(first)`` of image-to-image and an
+    ensemble's refiner; an ensemble's base stops early, its result the sample at ``sigmas[stop]``).
+    ``from_sample``: the start is already a sample at ``sigmas[first]`` (a noised image, a base's latents), which
+    diffusers does not multiply by ``init_noise_sigma``: ``init_sigma`` 1."""
+    n = walk.steps
+    stop = n if stop is None else stop
+    if not 0 <= first < stop <= n:
+        raise ValueError(f"a part of a {n}-step walk needs 0 <= first < stop <= {n}, got {first}, {stop}")
+    return SigmaWalk(walk.t[first:stop], walk.sigmas[first:stop + 1], 1.0 if from_sample else walk.init_sigma)
+
+
+def noised(x0, noise, sigma: float, *, carries_x_t: bool = False):
+    """diffusers' ``add_noise`` of the sigma schedulers at level ``sigma``: the Euler family's sample
+    x0 + sigma noise, or (DPM-Solver, ``carries_x_t``) x_t = (x0 + sigma noise) / sqrt(sigma^2 + 1)."""
+    x = x0 + noise * jnp.asarray(sigma, x0.dtype)
+    return x * jnp.asarray(1 / math.sqrt(sigma**2 + 1), x0.dtype) if carries_x_t else x
+
+
 # ----------------------------------------------------------------------------- samplers
 
 
@@ -314,16 +333,20 @@ def lms_coefficients(sigmas, order: int = LMS_ORDER) -> np.ndarray:
 
 def lms_discrete(model_fn, schedule: Schedule, x_T, *, key=None, steps: int = 50, timesteps=None,
                  walk: SigmaWalk | None = None, prediction: str = "epsilon", karras: bool = False, clip_x0=None,
-                 order: int = LMS_ORDER, return_trajectory: bool = False):
+                 order: int = LMS_ORDER, earlier=(), return_trajectory: bool = False):
     """diffusers' ``LMSDiscreteScheduler``: x += sum_j c_ij slope_{i-j} over the last ``order`` slopes
-    (x - x0) / sigma, the weights from ``lms_coefficients``. One evaluation per step."""
+    (x - x0) / sigma, the weights from ``lms_coefficients``. One evaluation per step. ``earlier``: the levels
+    of the steps before ``walk`` began (a walk begun mid-way, as image-to-image begins it): diffusers weighs
+    by the absolute step index, so its first steps take the whole walk's higher-order weights, with the
+    slopes it has not got left out."""
     walk, clip_x0 = _setup("lms_discrete", schedule, x_T, walk, steps, timesteps, prediction, clip_x0, euler_walk,
                            karras)
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= order <= 4:
         raise ValueError(f"order must be 1, 2, 3 or 4, got {order!r}")
     s = np.asarray(walk.sigmas, np.float64)
-    inputs = dict(t=_f32(walk.t), sigma=_f32(s[:-1]), c_in=_f32(1 / np.sqrt(s[:-1] ** 2 + 1)),
-                  coef=_f32(lms_coefficients(s, int(order))))
+    before = np.asarray(earlier, np.float64).reshape(-1)
+    coef = lms_coefficients(np.concatenate([before, s]), int(order))[len(before):]
+    inputs = dict(t=_f32(walk.t), sigma=_f32(s[:-1]), c_in=_f32(1 / np.sqrt(s[:-1] ** 2 + 1)), coef=_f32(coef))
     x_start = _start(x_T, walk)
 
     def step(x, history, c, _):

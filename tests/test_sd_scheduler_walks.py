@@ -245,12 +245,48 @@ def test_the_sigma_walks_are_walks():
     w = walks.make_walk(SD15, "LMS Karras", 7)
     setup = scheduler.sigma_setup(SD15, 7, "lms_discrete", use_karras_sigmas=True)
     np.testing.assert_array_equal(np.asarray(w.taus) + 1, setup.walk.t)
-    assert w.grid is None and not w.noise_at_timestep and w.report()["overrides"] == {"use_karras_sigmas": True}
+    assert not w.noise_at_timestep and w.report()["overrides"] == {"use_karras_sigmas": True}
+    # a sigma walk's grid: its distinct times and a marker endpoint; it runs contiguous parts of it
+    assert w.grid == (*setup.walk.t, 0.0) and w.order == 1
     heun = walks.make_walk(SD15, "Heun", 4)
     t = np.asarray(scheduler.sigma_setup(SD15, 4, "heun_discrete").walk.t) - 1
     np.testing.assert_array_equal(heun.taus, [t[0], t[1], t[1], t[2], t[2], t[3], t[3]])
-    with pytest.raises(ValueError, match="takes no clip_x0= and no timesteps="):
+    assert heun.order == 2 and len(heun.grid) == 5
+    np.testing.assert_array_equal(heun.part_taus(heun.grid[1:]), [t[1], t[2], t[2], t[3], t[3]])
+    np.testing.assert_array_equal(heun.part_taus(heun.grid[:3]), [t[0], t[1], t[1]])  # a base's cut: Euler last
+    with pytest.raises(ValueError, match="takes no timesteps= but a contiguous part of its own grid"):
         w(lambda x, t: x, None, jnp.zeros((1, 3)), timesteps=np.asarray([501, 0]))
+    with pytest.raises(ValueError, match="takes no clip_x0="):
+        w(lambda x, t: x, None, jnp.zeros((1, 3)), clip_x0=1.0)
+
+
+def test_a_part_of_a_sigma_walk_is_diffusers_begin_index():
+    """Parts of a walk as image-to-image and the ensemble run them (closed form, float64): Euler from step 2 of 5
+    from a sample already at sigma_2 (no init_noise_sigma), and the base's cut, which ends at sigma_3; LMS's first
+    step from step 2 takes the whole walk's third-order weight of its one slope, as diffusers' LMS does."""
+    from jaxdiff import sigma_sampling
+
+    whole = scheduler.sigma_setup(SD15, 5, "euler_discrete").walk
+    s = np.asarray(whole.sigmas)
+    part = sigma_sampling.part(whole, 2, from_sample=True)
+    assert part.t == whole.t[2:] and part.sigmas == whole.sigmas[2:] and part.init_sigma == 1.0
+    base = sigma_sampling.part(whole, 0, 3)
+    assert base.init_sigma == whole.init_sigma and base.t == whole.t[:3] and base.sigmas == whole.sigmas[:4]
+    with pytest.raises(ValueError, match="0 <= first < stop <= 5"):
+        sigma_sampling.part(whole, 3, 3)
+    x = np.float64(0.7)
+    zero = lambda x_in, t: jnp.zeros_like(x_in)  # eps 0: x0 = x, every slope 0
+    lin = lambda x_in, t: x_in * 0 + 1.0  # eps 1: every slope 1, each step moves by its sigma difference
+    got = sigma_sampling.euler_discrete(lin, None, jnp.full((1, 1), x, jnp.float32), walk=part)
+    np.testing.assert_allclose(np.asarray(got)[0, 0], x + s[-1] - s[2], rtol=1e-5)
+    got = sigma_sampling.euler_discrete(zero, None, jnp.full((1, 1), x, jnp.float32), walk=part)
+    np.testing.assert_allclose(np.asarray(got)[0, 0], x, rtol=1e-6)
+    one_step = sigma_sampling.part(whole, 2, 3, from_sample=True)
+    got = sigma_sampling.lms_discrete(lin, None, jnp.full((1, 1), x, jnp.float32), walk=one_step,
+                                      earlier=whole.sigmas[:2])
+    weight = sigma_sampling.lms_coefficients(s)[2, 0]  # the Lagrange weight through sigma_2, sigma_1, sigma_0
+    np.testing.assert_allclose(np.asarray(got)[0, 0], x + weight, rtol=1e-5)
+    assert abs(weight - (s[3] - s[2])) > 1e-3  # not Euler's: the test tells the two apart
 
 
 def test_a_sigma_walk_gets_the_raw_output_and_converts_v_at_its_sigma():

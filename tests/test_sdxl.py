@@ -113,9 +113,34 @@ def test_bad_settings_are_named(base, refiner):
         refiner.sample(PROMPTS, denoising_start=0.5, sampler="ddim", steps=4)
     with pytest.raises(ValueError, match=r"denoising_end must be a number in \(0, 1\)"):
         base.sample(PROMPTS, denoising_end=1.5, sampler="ddim", steps=4)
-    with pytest.raises(ValueError, match=r"take a sampler with a timestep grid \(ddim, dpm\+\+\), got 'auto' "
-                                         r"\(diffusers' EulerDiscreteScheduler walk\)$"):
-        base.sample(PROMPTS, denoising_end=0.5, steps=4)  # the folder's Euler, a sigma walk
+    with pytest.raises(ValueError, match=r"take a sampler with a timestep grid \(ddim, dpm\+\+, or a diffusers walk "
+                                         r"such as 'auto'\), got 'heun'$"):
+        base.sample(PROMPTS, denoising_end=0.5, sampler="heun", steps=4)  # jaxdiff's own Heun: no grid
+
+
+def test_base_then_refiner_on_the_folders_euler_equals_diffusers(base, refiner, ref):
+    """The ensemble under the folders' own EulerDiscreteScheduler ("auto"), 8 steps, denoising_end =
+    denoising_start = 0.75 (fixtures/sd_ksched/pipeline.npz, made by make_ksched_fixtures.py): the base walks the
+    times >= 250 and hands over its sample at the next sigma, the refiner walks on from it as it is (no
+    init_noise_sigma). Measured 7.9e-6 apart (images in [0, 1], stored as uint16: within 7.7e-6)."""
+    want = np.load(os.path.join(FIXTURES, "sd_ksched", "pipeline.npz"))
+    z = base.sample(PROMPTS, NEGATIVE, steps=8, latents=ref["latents"], denoising_end=0.75)
+    np.testing.assert_allclose(base.last_sampling["timesteps"], want["ensemble_euler/base_timesteps"])
+    x = refiner.sample(PROMPTS, NEGATIVE, steps=8, latents=z, denoising_start=0.75, **REFINER_MICRO)
+    np.testing.assert_allclose(refiner.last_sampling["timesteps"], want["ensemble_euler/refiner_timesteps"])
+    assert np.abs(to01(x) - want["ensemble_euler/images_u16"] / 65535).max() < 1e-4
+
+
+def test_the_ensemble_cuts_heuns_doubled_timesteps_as_diffusers(base, refiner):
+    """Heun (every time but the first twice): diffusers' base evaluates the timesteps >= 250, ending on an Euler
+    guess; its refiner counts those below, an even number, adds 1 and so takes that last step again. The U-Net
+    timesteps diffusers called (fixtures/sd_ksched/pipeline.npz), without running: the images of this cut
+    were checked once, 7.8e-6 apart."""
+    want = np.load(os.path.join(FIXTURES, "sd_ksched", "pipeline.npz"))
+    for pipe, end, start, key in ((base, 0.75, None, "base"), (refiner, None, 0.75, "refiner")):
+        walk = pipe.walk("Heun", 8)
+        part, _ = pipe._denoising_range(walk.grid, end, start, walk, None, np.zeros(1))
+        np.testing.assert_allclose(walk.part_taus(part), want[f"ensemble_heun/{key}_timesteps"], rtol=1e-6)
 
 
 def test_a_wrong_requires_aesthetics_score_is_named_before_weights_are_read(tmp_path):

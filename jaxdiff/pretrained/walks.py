@@ -173,9 +173,17 @@ def _sigma_plan(name):
 
 
 def _sigma_run(fn):
-    def run(model_fn, schedule, x_T, plan, *, key, prediction):
-        return fn(model_fn, schedule, x_T, key=key, walk=plan["walk"], prediction=prediction, clip_x0=plan["clip_x0"],
-                  **plan["options"])
+    def run(model_fn, schedule, x_T, plan, *, key, prediction, first=0, stop=None, from_sample=False):
+        whole = plan["walk"]
+        stop = whole.steps if stop is None else stop
+        options = dict(plan["options"])
+        if stop < whole.steps and "final_first_order" in options:
+            options["final_first_order"] = False  # diffusers' lower_order_final is for the walk's own last step
+        if first and fn is sigma_sampling.lms_discrete:
+            options["earlier"] = whole.sigmas[:first]
+        walk = sigma_sampling.part(whole, first, stop, from_sample=from_sample)
+        return fn(model_fn, schedule, x_T, key=key, walk=walk, prediction=prediction, clip_x0=plan["clip_x0"],
+                  **options)
     return run
 
 
@@ -216,8 +224,12 @@ class Walk:
     ``grid``: those t and an endpoint; handed a tail of it (``timesteps=grid[k:]``), the walk does what
     diffusers' image-to-image pipeline does from index k, which the pipeline noises the image to
     (``noise_at_timestep``: whether diffusers noises it to that timestep's abar; not so under Karras sigmas,
-    which UniPC noises by its own sigma, nor on the sigma walks, which have no grid). ``raw_output``: the
-    walk takes the network's raw output (``Runner``)."""
+    which UniPC noises by its own sigma, nor on the sigma walks, which noise by theirs: ``noised``). ``raw_output``: the
+    walk takes the network's raw output (``Runner``): a sigma walk's ``grid`` is its distinct times (Heun's
+    once each) and a marker endpoint, and it runs any contiguous part of it (``timesteps=grid[a:b + 1]``: steps
+    a .. b - 1, an ensemble's base stopping early), from noise times ``init_noise_sigma`` or, ``from_sample``,
+    from a sample already at the part's first level (``noised``: an image noised as diffusers' ``add_noise``
+    does, a base's latents)."""
 
     sampler: str
     asked: str
@@ -228,6 +240,8 @@ class Walk:
     config: str = dataclasses.field(repr=False)
     noise_at_timestep: bool = True
     raw_output: bool = False
+    times: tuple = ()  # a sigma walk's distinct times (jaxdiff's t)
+    from_sample: bool = False
 
     @property
     def __name__(self) -> str:  # what the pipeline calls a sampler function
@@ -239,12 +253,50 @@ class Walk:
 
     @property
     def grid(self) -> tuple | None:
-        return None if self.raw_output else (*(t + 1 for t in self.taus), 0)
+        return (*self.times, 0.0) if self.raw_output else (*(t + 1 for t in self.taus), 0)
+
+    @property
+    def order(self) -> int:
+        """diffusers' ``scheduler.order``: network evaluations a step (Heun's 2)."""
+        return 2 if self.sampler == "heun_discrete" else 1
+
+    def _part(self, timesteps) -> tuple[int, int]:
+        """(first step, stop) of a sigma walk's part ``timesteps`` = grid[first:stop + 1]."""
+        grid, part = self.grid, tuple(float(t) for t in np.asarray(timesteps))
+        first = grid.index(part[0]) if part and part[0] in grid[:-1] else -1
+        if first < 0 or len(part) < 2 or part != grid[first:first + len(part)]:
+            raise ValueError(f"sampler {self.asked!r} walks diffusers' {self.scheduler_class} sigmas; it takes no "
+                             f"timesteps= but a contiguous part of its own grid")
+        return first, first + len(part) - 1
+
+    def noised(self, x0, noise, timesteps):
+        """A sigma walk's start from ``x0`` noised to the level of the part's first step, as diffusers'
+        ``add_noise`` after ``set_begin_index`` (the Euler family's x0 + sigma noise; DPM-Solver's x_t)."""
+        first, _ = self._part(timesteps)
+        with jax.ensure_compile_time_eval():
+            sigma = self.plan()["walk"].sigmas[first]
+        return sigma_sampling.noised(x0, noise, sigma, carries_x_t=self.sampler.startswith("dpm_"))
+
+    def part_taus(self, timesteps) -> tuple:
+        """diffusers' timesteps of the network evaluations in a part of the walk (Heun's twice but the last)."""
+        first, stop = self._part(timesteps)
+        t = [t - 1 for t in self.times[first:stop]]
+        return tuple(t[:1] + [u for u in t[1:] for _ in range(self.order)])
 
     def plan(self, start: int = 0) -> dict:
         return _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)[1]
 
     def __call__(self, eps_fn, schedule, x_T, *, key=None, steps=None, timesteps=None, clip_x0=None):
+        if self.raw_output:
+            if clip_x0 is not None:
+                raise ValueError(f"sampler {self.asked!r} walks diffusers' {self.scheduler_class} settings; it takes "
+                                 f"no clip_x0=")
+            first, stop = (0, None) if timesteps is None else self._part(timesteps)
+            with jax.ensure_compile_time_eval():
+                settings, plan = _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides))
+            return RUNNERS[self.sampler].run(eps_fn, schedule, x_T, plan, key=key,
+                                             prediction=settings["prediction_type"], first=first, stop=stop,
+                                             from_sample=self.from_sample)
         start = 0 if timesteps is None or self.grid is None else len(self.grid) - len(timesteps)
         if clip_x0 is not None or (timesteps is not None and (
                 self.grid is None or start < 0 or tuple(int(t) for t in np.asarray(timesteps)) != self.grid[start:])):
@@ -254,14 +306,16 @@ class Walk:
             settings, plan = _plan(json.loads(self.config), self.sampler, self.steps, dict(self.overrides), start)
         return RUNNERS[self.sampler].run(eps_fn, schedule, x_T, plan, key=key, prediction=settings["prediction_type"])
 
-    def report(self) -> dict:
-        """What ran, JSON-friendly, with one ``line`` for a log."""
+    def report(self, timesteps=None) -> dict:
+        """What ran, JSON-friendly, with one ``line`` for a log; ``timesteps``: the part of a sigma walk's grid
+        that ran (image-to-image, an ensemble's base or refiner)."""
+        taus = self.taus if timesteps is None or not self.raw_output else self.part_taus(timesteps)
         settings = "".join(f", {k}={v!r}" for k, v in self.overrides)
         line = (f"sampler {self.sampler} ({self.scheduler_class}{settings}; asked {self.asked!r}), {self.steps} steps, "
-                f"{self.nfe} network evaluations at diffusers' timesteps {self.taus[0]} .. {self.taus[-1]}")
+                f"{len(taus)} network evaluations at diffusers' timesteps {taus[0]} .. {taus[-1]}")
         return {"sampler": self.sampler, "asked": self.asked, "scheduler_class": self.scheduler_class,
-                "overrides": dict(self.overrides), "steps": self.steps, "evaluations": self.nfe,
-                "timesteps": list(self.taus), "line": line}
+                "overrides": dict(self.overrides), "steps": self.steps, "evaluations": len(taus),
+                "timesteps": list(taus), "line": line}
 
 
 def _plan(config: dict, name: str, steps: int, overrides: dict, start: int = 0) -> tuple[dict, dict]:
@@ -283,6 +337,8 @@ def make_walk(config: Mapping, sampler: str, steps: int | None = None) -> Walk:
     settings, plan = _plan(config, name, steps, overrides)
     raw = RUNNERS[name].raw_output
     taus = tuple(float(t) if raw else int(t) for t in plan["taus"])
+    times = tuple(float(t) for t in plan["walk"].t) if raw else ()
     return Walk(name, sampler, scheduler.SAMPLERS[name][0], tuple((k, _hashable(v)) for k, v in overrides.items()),
                 steps, taus, json.dumps(config, sort_keys=True),
-                noise_at_timestep=not (raw or (name == "unipc" and settings["use_karras_sigmas"])), raw_output=raw)
+                noise_at_timestep=not (raw or (name == "unipc" and settings["use_karras_sigmas"])), raw_output=raw,
+                times=times)
