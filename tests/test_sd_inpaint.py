@@ -179,6 +179,9 @@ def test_sd_text2img_inpaints_and_a_bad_mask_is_one_line_exit_2(loaded, tmp_path
     monkeypatch.setattr(cli.Pipeline, "from_pretrained", lambda *a, **k: pipe)
     seen = {}
     monkeypatch.setattr(pipe, "sample", lambda prompts, negative, **kw: seen.update(kw) or jnp.zeros((1, 32, 32, 3)))
+    # what a real call leaves for the CLI's report line (the stand-in does not sample)
+    monkeypatch.setattr(pipe, "last_sampling", {"line": "sampler dpm++, 20 steps", "sampler": "dpm++", "steps": 20},
+                        raising=False)
     args = ["--model", FOLDER, "--prompt", "a cat", "--sampler", "dpm++", "--steps", "20", "--strength", "0.6",
             "--repeats", "0", "--image", str(tmp_path / "image.png")]
     cli.main([*args, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out")])
