@@ -222,17 +222,23 @@ def main(argv=None) -> None:
         args.size, args.steps = 32, min(args.steps, 3)
     if args.worker:
         return worker(args)
+    run_impls(args, "benchmarks.sd_speed", IMPLS, table)
+
+
+def run_impls(args, module: str, impls, table) -> None:
+    """Each implementation of ``args.impls`` in its own process (``python -m module --worker IMPL``), its
+    log on our stderr; the table rewritten after each one, so a cut-short run keeps what it measured."""
     results = {}
     for impl in args.impls.split(","):
-        if impl not in IMPLS:
-            raise SystemExit(f"--impls: unknown {impl!r}; expected some of {IMPLS}")
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sd_speed_{os.getpid()}_{impl}.json")
-        cmd = [sys.executable, "-m", "benchmarks.sd_speed", "--worker", impl, "--json", path,
+        if impl not in impls:
+            raise SystemExit(f"--impls: unknown {impl!r}; expected some of {impls}")
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{module.split('.')[-1]}_{os.getpid()}_{impl}.json")
+        cmd = [sys.executable, "-m", module, "--worker", impl, "--json", path,
                "--batches", ",".join(map(str, args.batches)), "--steps", str(args.steps), "--size", str(args.size),
                "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else [])
-        log(f"{impl} ...")
+        print(f"[{module.split('.')[-1]}] {impl} ...", file=sys.stderr, flush=True)
         try:
-            done = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout, stdout=sys.stderr)  # its log on our stderr
+            done = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout, stdout=sys.stderr)
             if done.returncode:
                 results[impl] = {"error": f"exit status {done.returncode} (its log is above)"}
             else:
@@ -241,7 +247,7 @@ def main(argv=None) -> None:
         except subprocess.TimeoutExpired:
             results[impl] = {"error": f"no result within {args.timeout}s"}
         text = table(results, args)
-        if args.out:  # after every implementation, so a cut-short run keeps what it measured
+        if args.out:
             with open(args.out, "w") as f:
                 f.write(text)
     print(text)

@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-from benchmarks.sd_speed import FIXTURES, ROOT, device_name, random_params, timed
+from benchmarks.sd_speed import FIXTURES, device_name, random_params, run_impls, timed
 
 TOKENIZERS = (os.path.join(FIXTURES, "sd_tokenizer", "sd1"), os.path.join(FIXTURES, "sd_tokenizer", "sd2"))
 IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
@@ -178,29 +177,7 @@ def main(argv=None) -> None:
         args.size, args.steps = 32, min(args.steps, 3)
     if args.worker:
         return worker(args)
-    results = {}
-    for impl in args.impls.split(","):
-        if impl not in IMPLS:
-            raise SystemExit(f"--impls: unknown {impl!r}; expected some of {IMPLS}")
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sdxl_speed_{os.getpid()}_{impl}.json")
-        cmd = [sys.executable, "-m", "benchmarks.sdxl_speed", "--worker", impl, "--json", path,
-               "--batches", ",".join(map(str, args.batches)), "--steps", str(args.steps), "--size", str(args.size),
-               "--repeats", str(args.repeats)] + (["--tiny"] if args.tiny else [])
-        log(f"{impl} ...")
-        try:
-            done = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout, stdout=sys.stderr)
-            if done.returncode:
-                results[impl] = {"error": f"exit status {done.returncode} (its log is above)"}
-            else:
-                with open(path) as f:
-                    results[impl] = json.load(f)
-        except subprocess.TimeoutExpired:
-            results[impl] = {"error": f"no result within {args.timeout}s"}
-        text = table(results, args)
-        if args.out:  # after every implementation, so a cut-short run keeps what it measured
-            with open(args.out, "w") as f:
-                f.write(text)
-    print(text)
+    run_impls(args, "benchmarks.sdxl_speed", IMPLS, table)
 
 
 if __name__ == "__main__":
