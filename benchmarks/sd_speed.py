@@ -183,10 +183,16 @@ def device_name(impl: str) -> str:
 
 def table(results: dict, args) -> str:
     arch = "the tiny test pipeline (a CPU smoke run)" if args.tiny else "Stable Diffusion 1.5 architecture"
-    lines = [f"{arch}, random weights, {args.size}x{args.size}, {args.steps} steps of "
-             f"DPM-Solver++ with classifier-free guidance (gamma 7.5), text encoding and decoding included; "
-             f"median of {args.repeats} calls after the first. {platform.node() or 'host'}, "
-             f"{time.strftime('%Y-%m-%d')}.", ""]
+    return results_table(results, f"{arch}, random weights, {args.size}x{args.size}, {args.steps} steps of "
+                         f"DPM-Solver++ with classifier-free guidance (gamma 7.5), text encoding and decoding "
+                         f"included; median of {args.repeats} calls after the first. {platform.node() or 'host'}, "
+                         f"{time.strftime('%Y-%m-%d')}.")
+
+
+def results_table(results: dict, heading: str) -> str:
+    """The markdown of ``run_impls``' results: what each implementation ran on, then a row per (implementation,
+    batch) with jaxdiff's images/s over that row's at the same batch."""
+    lines = [heading, ""]
     for impl, res in results.items():
         lines.append(f"- {impl}: {res.get('device', res.get('error', ''))}")
     lines += ["", "| implementation | batch | s per call | images/s | s per image | first call s | peak GPU GiB | "

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.sd_speed import FIXTURES, device_name, random_params, run_impls, timed
+from benchmarks.sd_speed import FIXTURES, device_name, random_params, results_table, run_impls, timed
 
 TOKENIZERS = (os.path.join(FIXTURES, "sd_tokenizer", "sd1"), os.path.join(FIXTURES, "sd_tokenizer", "sd2"))
 IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
@@ -139,24 +139,10 @@ def worker(args) -> None:
 
 def table(results: dict, args) -> str:
     arch = "the tiny SDXL test pipeline (a CPU smoke run)" if args.tiny else "SDXL base 1.0 architecture"
-    lines = [f"{arch}, random weights, {args.size}x{args.size}, {args.steps} steps of DPM-Solver++ with "
-             f"classifier-free guidance (gamma {GAMMA}), both text encoders and decoding included; median of "
-             f"{args.repeats} calls after the first. {platform.node() or 'host'}, {time.strftime('%Y-%m-%d')}.", ""]
-    for impl, res in results.items():
-        lines.append(f"- {impl}: {res.get('device', res.get('error', ''))}")
-    lines += ["", "| implementation | batch | s per call | images/s | first call s | peak GPU GiB | "
-                  "jaxdiff images/s / this |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    ours = {r["batch"]: r for r in results.get("jaxdiff", {}).get("rows", [])}
-    for impl, res in results.items():
-        for r in res.get("rows", []):
-            rate = r["batch"] / r["seconds"]
-            mine = ours.get(r["batch"])
-            ratio = f"{(mine['batch'] / mine['seconds']) / rate:.2f}x" if mine else "-"
-            lines.append(f"| {impl} | {r['batch']} | {r['seconds']:.3f} | {rate:.3f} | {r['first']:.1f} | "
-                         f"{r['peak'] / 2**30:.2f} | {ratio} |")
-        if "error" in res:
-            lines.append(f"| {impl} | - | failed: {res['error']} | | | | |")
-    return "\n".join(lines) + "\n"
+    return results_table(results, f"{arch}, random weights, {args.size}x{args.size}, {args.steps} steps of "
+                         f"DPM-Solver++ with classifier-free guidance (gamma {GAMMA}), both text encoders and "
+                         f"decoding included; median of {args.repeats} calls after the first. "
+                         f"{platform.node() or 'host'}, {time.strftime('%Y-%m-%d')}.")
 
 
 def main(argv=None) -> None:
