@@ -32,7 +32,11 @@ TOKENIZER = os.path.join(FIXTURES, "sd_tokenizer", "sd1")  # a small CLIP-format
 SD15_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
                       trained_betas=None, clip_sample=False)
-IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
+# the speed levers of issue 21, in the order they landed; "jaxdiff-levers:N" runs with the first N of them
+# (the rest undone by undo_levers), so one run measures each against the code before it
+LEVERS = ("cross-attention on cuDNN", "one-pass GroupNorm", "no DotMerger in the loop")
+IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled",
+         *(f"jaxdiff-levers:{n}" for n in range(len(LEVERS))))
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 
@@ -44,6 +48,20 @@ def configs(tiny: bool) -> dict:
         return {"unet": read("unet"), "vae": read("vae"), "text_encoder": read("text_encoder")}
     real = json.load(open(os.path.join(FIXTURES, "sd_real_configs.json")))["sd15"]
     return {k: real[k] for k in ("unet", "vae", "text_encoder")}
+
+
+class Rows(list):
+    """A worker's result rows, written to its --json file as each one lands: a worker stopped by --timeout
+    still reports the batches it measured."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+
+    def append(self, row) -> None:
+        super().append(row)
+        with open(self.args.json, "w") as f:
+            json.dump({"impl": self.args.worker, "rows": list(self), "device": device_name(self.args.worker)}, f)
 
 
 def timed(call, repeats: int):
@@ -63,15 +81,47 @@ def timed(call, repeats: int):
 
 
 def random_params(template, seed: int, dtype):
-    """Normal(0, 0.02) parameters of the template's shapes, in ``dtype`` (as fp16 checkpoints are stored),
-    drawn on the host with NumPy. (flax's init would run a forward pass per part and compile every
-    initializer; JAX random draws for 1.07 billion parameters compiled for a minute and a half.)"""
+    """Normal(0, 0.02) parameters of the template's shapes, in ``dtype`` (as fp16 checkpoints are stored).
+    Each leaf is a window, at a random offset, of one pool of 2**24 draws made on the host: speed does not
+    depend on the values, and drawing SDXL's 2.6 billion afresh took 75 s. (flax's init would run a forward
+    pass per part and compile every initializer.)"""
     import jax
-    import jax.numpy as jnp
 
     rng = np.random.default_rng(seed)
-    draw = lambda leaf: jnp.asarray((0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(dtype))
+    pool = (0.02 * rng.standard_normal(1 << 24, np.float32)).astype(dtype)
+
+    def draw(leaf):
+        n = int(np.prod(leaf.shape))
+        start = int(rng.integers(pool.size))
+        flat = np.resize(np.roll(pool, -start), n) if n > pool.size - start else pool[start:start + n]
+        return jax.device_put(flat.reshape(leaf.shape))
+
     return jax.tree.map(draw, template)
+
+
+def undo_levers(keep: int) -> None:
+    """Put back the code before LEVERS[keep:]: XLA attention for odd sequence lengths (CLIP's 77 tokens),
+    flax's two-pass GroupNorm in the pretrained blocks, XLA's DotMerger in the sampling program."""
+    import flax.linen as nn
+
+    from jaxdiff import pipeline
+    from jaxdiff.nets import autoencoder, layers, unet
+
+    if keep < 1:
+        fits = layers.cudnn_attention_fits
+        layers.cudnn_attention_fits = lambda q, mask=None, k=None: (
+            fits(q, mask, k) and not q.shape[1] % 2 and (k is None or not k.shape[1] % 2))
+    if keep < 2:
+        group_norm = layers.group_norm
+        two_pass = lambda features, dtype, *, groups=None, eps=1e-6, fast_variance=True, name=None: (
+            group_norm(features, dtype, groups=groups, eps=eps, name=name) if fast_variance else
+            nn.GroupNorm(num_groups=groups or (min(32, features // 4) or 1), epsilon=eps, dtype=dtype,
+                         use_fast_variance=False, name=name))
+        for module in (layers, unet, autoencoder):  # each bound the name at import
+            if hasattr(module, "group_norm"):
+                module.group_norm = two_pass
+    if keep < 3:
+        pipeline.LOOP_COMPILER_OPTIONS = {}
 
 
 def run_jaxdiff(args, attention) -> list[dict]:
@@ -95,7 +145,7 @@ def run_jaxdiff(args, attention) -> list[dict]:
     sd = StableDiffusion(parts["unet"], parts["vae"], parts["text"], params, load_tokenizer(TOKENIZER),
                          dict(SD15_SCHEDULER), dtype=dtype, attention=attention)
     pipe = Pipeline.for_stable_diffusion(sd)
-    rows = []
+    rows = Rows(args)
     for b in args.batches:
         call = lambda b=b: np.asarray(pipe([PROMPT] * b, gamma=7.5, sampler="dpm++", steps=args.steps, seed=0,
                                        height=args.size, width=args.size))
@@ -104,7 +154,7 @@ def run_jaxdiff(args, attention) -> list[dict]:
         rows.append(dict(batch=b, first=first, seconds=sec, peak=stats.get("peak_bytes_in_use", float("nan"))))
         if b == args.batches[0]:
             log(f"parameters made in {made:.1f}s")
-        log(f"{'jaxdiff' if attention else 'jaxdiff-xla-attention'} batch {b}: {sec:.3f}s per call, first {first:.1f}s")
+        log(f"{args.worker} batch {b}: {sec:.3f}s per call, first {first:.1f}s")
     return rows
 
 
@@ -132,7 +182,7 @@ def run_diffusers(args, compiled: bool) -> list[dict]:
     if compiled:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-    rows = []
+    rows = Rows(args)
     for b in args.batches:
         def call(b=b):
             with torch.no_grad():
@@ -160,12 +210,15 @@ def log(msg: str) -> None:
 
 def worker(args) -> None:
     impl = args.worker
+    if impl.startswith("jaxdiff-levers:"):
+        undo_levers(int(impl.split(":")[1]))
     if impl.startswith("jaxdiff"):
         rows = run_jaxdiff(args, None if impl == "jaxdiff-xla-attention" else "cudnn")
     else:
         rows = run_diffusers(args, compiled=impl == "diffusers-compiled")
-    with open(args.json, "w") as f:
-        json.dump({"impl": impl, "rows": rows, "device": device_name(impl)}, f)
+    if not rows:  # nothing measured (no batches): still say what it ran on
+        with open(args.json, "w") as f:
+            json.dump({"impl": impl, "rows": [], "device": device_name(impl)}, f)
 
 
 def device_name(impl: str) -> str:
@@ -245,13 +298,15 @@ def run_impls(args, module: str, impls, table) -> None:
         print(f"[{module.split('.')[-1]}] {impl} ...", file=sys.stderr, flush=True)
         try:
             done = subprocess.run(cmd, cwd=ROOT, timeout=args.timeout, stdout=sys.stderr)
-            if done.returncode:
-                results[impl] = {"error": f"exit status {done.returncode} (its log is above)"}
-            else:
-                with open(path) as f:
-                    results[impl] = json.load(f)
+            error = f"exit status {done.returncode} (its log is above)" if done.returncode else None
         except subprocess.TimeoutExpired:
-            results[impl] = {"error": f"no result within {args.timeout}s"}
+            error = f"stopped at {args.timeout}s"
+        results[impl] = {}
+        if os.path.exists(path):  # what it measured, even if it was stopped later
+            with open(path) as f:
+                results[impl] = json.load(f)
+        if error:
+            results[impl]["error"] = error if results[impl].get("rows") else f"no result ({error})"
         text = table(results, args)
         if args.out:
             with open(args.out, "w") as f:

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.sd_speed import FIXTURES, device_name, random_params, results_table, run_impls, timed
+from benchmarks.sd_speed import FIXTURES, Rows, device_name, random_params, results_table, run_impls, timed
 
 TOKENIZERS = (os.path.join(FIXTURES, "sd_tokenizer", "sd1"), os.path.join(FIXTURES, "sd_tokenizer", "sd2"))
 IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
@@ -73,7 +73,7 @@ def run_jaxdiff(args, attention) -> list[dict]:
                            load_tokenizer(TOKENIZERS[0]), load_tokenizer(TOKENIZERS[1]), cfg["scheduler"],
                            {"force_zeros_for_empty_prompt": True}, dtype=dtype, attention=attention)
     pipe = Pipeline.for_stable_diffusion(sd)
-    rows = []
+    rows = Rows(args)
     for b in args.batches:
         call = lambda b=b: np.asarray(pipe([PROMPT] * b, gamma=GAMMA, sampler="dpm++", steps=args.steps, seed=0,
                                            height=args.size, width=args.size))
@@ -108,7 +108,7 @@ def run_diffusers(args, compiled: bool) -> list[dict]:
     if compiled:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-    rows = []
+    rows = Rows(args)
     for b in args.batches:
         def call(b=b):
             with torch.no_grad():
@@ -133,8 +133,9 @@ def worker(args) -> None:
         rows = run_jaxdiff(args, None if impl == "jaxdiff-xla-attention" else "cudnn")
     else:
         rows = run_diffusers(args, compiled=impl == "diffusers-compiled")
-    with open(args.json, "w") as f:
-        json.dump({"impl": impl, "rows": rows, "device": device_name(impl)}, f)
+    if not rows:  # nothing measured (no batches): still say what it ran on
+        with open(args.json, "w") as f:
+            json.dump({"impl": impl, "rows": [], "device": device_name(impl)}, f)
 
 
 def table(results: dict, args) -> str:
