@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import unflatten_dict
 
-from jaxdiff.nets.layers import attention, nearest_resize, sinusoidal_embedding
+from jaxdiff.nets import layers
+from jaxdiff.nets.layers import ShiftedGroupNorm, attention, nearest_resize, sinusoidal_embedding
 from jaxdiff.nets.unet import textbook_params_from_legacy, textbook_unet
 from jaxdiff.pretrained.configs import autoencoder_from_config, clip_text_from_config, unet_from_config
 from jaxdiff.pretrained.weights import load_params
@@ -267,6 +268,60 @@ def test_attention_function_against_float64():
     want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
     ours = attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(mask))
     np.testing.assert_allclose(ours, want, atol=1e-5)
+
+
+def _group_norm_float64(x, groups, eps, scale, bias):
+    g = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = (*range(1, g.ndim - 2), g.ndim - 1)
+    mean, var = g.mean(axes, keepdims=True), g.var(axes, keepdims=True)  # two passes, float64
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])  # 1e3: mean >> std, where E[x^2] - E[x]^2 in float32 fails
+def test_shifted_group_norm_against_float64(offset):
+    rng = np.random.default_rng(0)
+    x = offset + rng.standard_normal((2, 6, 5, 8)) * rng.uniform(0.5, 2.0, 8)
+    scale, bias = rng.standard_normal(8), rng.standard_normal(8)
+    norm = ShiftedGroupNorm(num_groups=4, epsilon=1e-5)
+    params = {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}}
+    assert jax.tree.map(jnp.shape, norm.init(jax.random.key(0), jnp.zeros((1, 2, 2, 8)))) == \
+        jax.tree.map(jnp.shape, params)  # flax GroupNorm's names and shapes: checkpoints load as before
+    want = _group_norm_float64(x, 4, 1e-5, scale, bias)
+    np.testing.assert_allclose(norm.apply(params, jnp.asarray(x, jnp.float32)), want, atol=2e-4)
+    tokens = x.reshape(2, 30, 8)  # (B, L, C) inputs too
+    np.testing.assert_allclose(norm.apply(params, jnp.asarray(tokens, jnp.float32)),
+                               _group_norm_float64(tokens, 4, 1e-5, scale, bias), atol=2e-4)
+    if offset:  # the one-pass variance without the shift loses the groups' variance to cancellation
+        fast = layers.group_norm(8, jnp.float32, groups=4, eps=1e-5, fast_variance=True)
+        assert np.abs(np.asarray(fast.apply(params, jnp.asarray(x, jnp.float32))) - want).max() > 1e-2
+
+
+def test_shifted_group_norm_gradient_against_finite_differences():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(5.0 + rng.standard_normal((1, 3, 3, 4)), jnp.float64 if jax.config.x64_enabled else jnp.float32)
+    norm = ShiftedGroupNorm(num_groups=2, epsilon=1e-5)
+    params = norm.init(jax.random.key(0), x)
+    w = jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+    f = lambda x: jnp.sum(norm.apply(params, x) * w)
+    grad = np.asarray(jax.grad(f)(x), np.float64)
+    d = jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+    h = 1e-2
+    numeric = (float(f(x + h * d)) - float(f(x - h * d))) / (2 * h)
+    assert np.sum(grad * np.asarray(d)) == pytest.approx(numeric, rel=2e-2)
+
+
+def test_odd_length_attention_gradient_is_the_xla_gradient(monkeypatch):
+    """The wiring of the fused-forward, XLA-gradient attention that cross-attention to 77 tokens takes on a
+    GPU, run here with XLA as the forward: values and gradients must be plain attention's."""
+    monkeypatch.setattr(layers, "FUSED_FORWARD", None)
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, n, 2, 8)), jnp.float32) for n in (6, 7, 7))
+    w = jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32)
+    plain = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * w)
+    routed = lambda q, k, v: jnp.sum(layers._cudnn_forward_xla_gradient(q, k, v) * w)
+    np.testing.assert_allclose(routed(q, k, v), plain(q, k, v), rtol=1e-6)
+    for ours, want in zip(jax.grad(routed, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
 
 
 def test_nearest_resize_follows_pytorch_indexing():

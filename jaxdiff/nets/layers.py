@@ -34,14 +34,42 @@ def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0, *
 
 
 def group_norm(features: int, dtype, *, groups: int | None = None, eps: float = 1e-6,
-               fast_variance: bool = True, name: str | None = None) -> nn.GroupNorm:
+               fast_variance: bool = True, name: str | None = None) -> nn.Module:
     """GroupNorm, not BatchNorm: no mutable batch statistics, and the same result at any batch size.
 
     ``groups=None`` is the small networks' rule, min(32, features // 4). Statistics are float32.
-    ``fast_variance`` (E[x^2] - E[x]^2, one pass) is what the small networks were trained with; the
-    pretrained blocks use the two-pass variance, which stays exact where activations have a large mean."""
+    ``fast_variance`` (E[x^2] - E[x]^2, one pass: flax's GroupNorm) is what the small networks were trained
+    with; the pretrained blocks use ``ShiftedGroupNorm``, exact where activations have a large mean."""
     groups = groups or (min(32, features // 4) or 1)
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=fast_variance, name=name)
+    if fast_variance:
+        return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=True, name=name)
+    return ShiftedGroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
+
+
+class ShiftedGroupNorm(nn.Module):
+    """GroupNorm over the last axis with flax's parameters (scale, bias), float32 statistics from one pass:
+    the mean and mean square of x - K, K each group's first value. The variance E[(x-K)^2] - E[x-K]^2 equals
+    the two-pass one without its cancellation when |mean| >> std (K is within a few std of the mean), and
+    the two sums are one reduction over the input instead of two in sequence (fewer kernels per block)."""
+
+    num_groups: int
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c, g = x.shape[-1], self.num_groups
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
+        axes = (*range(1, xg.ndim - 2), xg.ndim - 1)
+        first = xg[(slice(None),) + (0,) * (xg.ndim - 3) + (slice(None), 0)]  # (B, g)
+        shift = jax.lax.stop_gradient(first).reshape(xg.shape[0], *(1,) * (xg.ndim - 3), g, 1)
+        d = xg - shift
+        m1 = jnp.mean(d, axes, keepdims=True)
+        var = jnp.maximum(jnp.mean(d * d, axes, keepdims=True) - m1 * m1, 0.0)
+        y = ((d - m1) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
 
 
 def layer_norm(eps: float, dtype, name: str | None = None) -> nn.LayerNorm:
@@ -60,23 +88,43 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     serves a whole network whose levels differ."""
     if implementation == "cudnn" and not cudnn_attention_fits(q, mask, k):
         implementation = None
+    if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+        return _cudnn_forward_xla_gradient(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def cudnn_attention_fits(q, mask=None, k=None) -> bool:
     """cuDNN's fused attention takes bf16/fp16 heads whose width is a multiple of 8, at most 128 (256 on
-    Hopper and later), and here no mask (the text encoder's causal mask stays on XLA: it is small). Its
-    gradient (jax 0.11.2) also wants even sequence lengths: cross-attention to CLIP's 77 tokens stays on
-    XLA, where it is cheap (77 keys), so a training step can be differentiated."""
+    Hopper and later), and here no mask (the text encoder's causal mask stays on XLA: it is small)."""
     if mask is not None or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
-        return False
-    if q.shape[1] % 2 or (k is not None and k.shape[1] % 2):
         return False
     try:
         major = int(str(jax.devices()[0].compute_capability).split(".")[0])
     except (AttributeError, ValueError):
         major = 0
     return q.shape[-1] <= (256 if major >= 9 else 128)
+
+
+FUSED_FORWARD = "cudnn"  # the forward of _cudnn_forward_xla_gradient; a test runs its wiring on XLA
+
+
+@jax.custom_vjp
+def _cudnn_forward_xla_gradient(q, k, v):
+    """cuDNN's forward kernel for sequences of odd length (cross-attention to CLIP's 77 tokens), whose cuDNN
+    gradient jax 0.11.2 refuses: the gradient is XLA's, recomputed from the inputs (cheap with 77 keys), so
+    a training step can still be differentiated while sampling gets the fused kernel."""
+    return jax.nn.dot_product_attention(q, k, v, implementation=FUSED_FORWARD)
+
+
+def _cudnn_forward(q, k, v):
+    return _cudnn_forward_xla_gradient(q, k, v), (q, k, v)
+
+
+def _xla_gradient(inputs, grad):
+    return jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v), *inputs)[1](grad)
+
+
+_cudnn_forward_xla_gradient.defvjp(_cudnn_forward, _xla_gradient)
 
 
 def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
