@@ -120,6 +120,13 @@ def _check_eta(eta) -> float:
     return float(eta)
 
 
+# XLA:GPU's DotMerger joins dots that share an input (a block's q, k and v; every cross-attention's k and v of
+# the text; every resnet's time projection) into one dot against the weights concatenated, and it does so
+# inside the sampling loop: a copy of those weights at every step (~0.2 ms of SD-1.5's step on an H200,
+# docs/BENCHMARKS.md). The separate dots read the weights once a step and write nothing.
+LOOP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
 class Pipeline:
     """A condition in, uint8 images out, by classifier-free guidance
     eps = eps(negative) + gamma (eps(condition) - eps(negative)), or, for a label pipeline given a
@@ -408,7 +415,8 @@ class Pipeline:
                                                                                                    steps, grid)
         sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())), to_latents)
         if sig not in self._compiled:
-            self._compiled[sig] = jax.jit(partial(self._generate, *sig))
+            options = LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None
+            self._compiled[sig] = jax.jit(partial(self._generate, *sig), compiler_options=options)
         out, finite = self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed),
                                           latents, image, inpaint)
         finite = np.asarray(finite)  # the one wait: a result is checked before it is handed out
