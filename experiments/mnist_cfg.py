@@ -17,13 +17,15 @@ from __future__ import annotations
 import sys
 import time
 
-import jax
-import numpy as np
+STARTED = time.perf_counter()  # before the imports below, which take seconds of the wall time reported
 
-from experiments import common
-from jaxdiff import data, sampling
-from jaxdiff.judge import Judge
-from jaxdiff.pipeline import Pipeline
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402
+from jaxdiff import data, sampling  # noqa: E402
+from jaxdiff.judge import Judge  # noqa: E402
+from jaxdiff.pipeline import Pipeline  # noqa: E402
 
 
 def main(argv=None):
@@ -46,11 +48,18 @@ def main(argv=None):
 
 def run(args, out):
     common.check_levels(args, len(args.channels))
+    times = {"imports": time.perf_counter() - STARTED}
+    t0 = time.perf_counter()
     images, labels = common.load_data(args)
+    times["data"] = time.perf_counter() - t0
     num_classes = data.NUM_CLASSES[args.dataset]
     spec, module, loss = common.label_unet(args, images, args.p_uncond)
+    t0 = time.perf_counter()
     result = common.fit(args, spec, loss, images, labels, out,
                         meta={"dataset": args.dataset, "split": args.split, "p_uncond": args.p_uncond})
+    times["training"] = result.seconds
+    # around the loop: the initial parameters, opening and closing the checkpoints, the loss plot
+    times["setup and wrap-up of training"] = time.perf_counter() - t0 - result.seconds
 
     pipe = Pipeline.for_labels(spec, module, jax.device_get(result.state.ema_params))
     sample = lambda rows, **kw: pipe(rows, sampler=args.sampler, steps=args.sample_steps, **kw)
@@ -63,8 +72,9 @@ def run(args, out):
     common.save_grid(out / f"samples_gamma{args.gamma:g}.png", imgs, num_classes, args.per_label)
     neg = sample(rows, negative=(rows + 1) % num_classes, gamma=args.gamma, seed=args.seed + 1)
     common.save_grid(out / "negative.png", neg, num_classes, args.per_label)
-    sample_s = time.perf_counter() - t0
+    sample_s = times["sampling"] = time.perf_counter() - t0
     accuracy = ""
+    t0 = time.perf_counter()
     if args.eval_classifier:
         train_images, train_labels = common.load_data(args, "train")
         judge = Judge.train_or_load(args.eval_classifier, train_images, train_labels, dataset=args.dataset,
@@ -72,11 +82,14 @@ def run(args, out):
         asked = np.arange(args.eval_samples) % num_classes
         acc = judge.accuracy(sample(asked, gamma=args.gamma, seed=args.seed + 2), asked)
         accuracy = f"class accuracy {acc:.4f} ({args.eval_samples} samples, gamma {args.gamma:g}), "
+        times["judging"] = time.perf_counter() - t0
     nfe = sampling.nfe(args.sampler, args.sample_steps, pipe.schedule)
     if jax.process_index() == 0:
         print(f"done: {int(result.state.step)} steps in {result.seconds:.1f}s ({common.speed(result)}), sampling "
               f"{sample_s:.1f}s ({args.sampler}, {nfe} NFE), {accuracy}final loss "
               f"{common.final_loss(out):.4f}, skipped {int(result.state.skipped)}; outputs in {out}")
+        print(f"wall {time.perf_counter() - STARTED:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
+              + f" (training's first dispatch, its compile included: {result.first_dispatch:.1f}s)")
     sys.stdout.flush()
 
 

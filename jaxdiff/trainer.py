@@ -109,6 +109,7 @@ class TrainResult:
     start_step: int  # 0, or the step the run resumed from
     seconds: float  # wall time of this call's training
     images_per_second: float  # after the first dispatch, which carries the compile; nan if there was one
+    first_dispatch: float = float("nan")  # seconds of the first dispatch, its compile included
 
     @property
     def trained_steps(self) -> int:
@@ -333,7 +334,8 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
         show.close()
     skips.close(step - start)
     rate = warm_images / (time.perf_counter() - warm_t) if warm_images else float("nan")
-    return TrainResult(state, start, time.perf_counter() - t0, rate)
+    first = warm_t - t0 if warm_t is not None else float("nan")
+    return TrainResult(state, start, time.perf_counter() - t0, rate, first)
 
 
 class Skips:
