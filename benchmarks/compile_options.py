@@ -24,6 +24,7 @@ VARIANTS = {
     "autotune level 1 (no buffer checks)": {"xla_gpu_autotune_level": 1},
     "cuBLAS for the dots (no Triton GEMM)": {"xla_gpu_enable_triton_gemm": False},
     "both": {"xla_gpu_autotune_level": 1, "xla_gpu_enable_triton_gemm": False},
+    "no autotuning (level 0): what autotuning costs": {"xla_gpu_autotune_level": 0},
 }
 
 
