@@ -60,8 +60,15 @@ class Rows(list):
 
     def append(self, row) -> None:
         super().append(row)
-        with open(self.args.json, "w") as f:
-            json.dump({"impl": self.args.worker, "rows": list(self), "device": device_name(self.args.worker)}, f)
+        save_json(self.args.json, {"impl": self.args.worker, "rows": list(self),
+                                   "device": device_name(self.args.worker)})
+
+
+def save_json(path: str, value) -> None:
+    """Whole or not at all: a worker stopped mid-write leaves the previous file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
 
 
 def timed(call, repeats: int):
@@ -217,8 +224,7 @@ def worker(args) -> None:
     else:
         rows = run_diffusers(args, compiled=impl == "diffusers-compiled")
     if not rows:  # nothing measured (no batches): still say what it ran on
-        with open(args.json, "w") as f:
-            json.dump({"impl": impl, "rows": [], "device": device_name(impl)}, f)
+        save_json(args.json, {"impl": impl, "rows": [], "device": device_name(impl)})
 
 
 def device_name(impl: str) -> str:
@@ -305,6 +311,7 @@ def run_impls(args, module: str, impls, table) -> None:
         if os.path.exists(path):  # what it measured, even if it was stopped later
             with open(path) as f:
                 results[impl] = json.load(f)
+            os.remove(path)
         if error:
             results[impl]["error"] = error if results[impl].get("rows") else f"no result ({error})"
         text = table(results, args)

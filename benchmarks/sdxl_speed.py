@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks.sd_speed import FIXTURES, Rows, device_name, random_params, results_table, run_impls, timed
+from benchmarks.sd_speed import FIXTURES, Rows, device_name, random_params, results_table, run_impls, save_json, timed
 
 TOKENIZERS = (os.path.join(FIXTURES, "sd_tokenizer", "sd1"), os.path.join(FIXTURES, "sd_tokenizer", "sd2"))
 IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
@@ -134,8 +134,7 @@ def worker(args) -> None:
     else:
         rows = run_diffusers(args, compiled=impl == "diffusers-compiled")
     if not rows:  # nothing measured (no batches): still say what it ran on
-        with open(args.json, "w") as f:
-            json.dump({"impl": impl, "rows": [], "device": device_name(impl)}, f)
+        save_json(args.json, {"impl": impl, "rows": [], "device": device_name(impl)})
 
 
 def table(results: dict, args) -> str:

@@ -122,8 +122,9 @@ def _check_eta(eta) -> float:
 
 # XLA:GPU's DotMerger joins dots that share an input (a block's q, k and v; every cross-attention's k and v of
 # the text; every resnet's time projection) into one dot against the weights concatenated, and it does so
-# inside the sampling loop: a copy of those weights at every step (~0.2 ms of SD-1.5's step on an H200,
-# docs/BENCHMARKS.md). The separate dots read the weights once a step and write nothing.
+# inside the sampling loop: a copy of those weights at every step. The separate dots read the weights once
+# a step and write nothing (SD-1.5 at batch 1 on an H200: -0.8% a call, docs/BENCHMARKS.md). The option
+# holds for the whole program (text encoder and decoder too).
 LOOP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 

@@ -12,6 +12,7 @@ float64 moves the errors around, 1.5e-6 to 6e-6, without removing them).
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,48 +281,63 @@ def _group_norm_float64(x, groups, eps, scale, bias):
 @pytest.mark.parametrize("offset", [0.0, 1e3])  # 1e3: mean >> std, where E[x^2] - E[x]^2 in float32 fails
 def test_shifted_group_norm_against_float64(offset):
     rng = np.random.default_rng(0)
-    x = offset + rng.standard_normal((2, 6, 5, 8)) * rng.uniform(0.5, 2.0, 8)
+    # every (example, group) its own mean, so a shift shared across them, or taken from the wrong group, fails
+    means = offset * (1 + np.arange(4)) * np.array([1, -1])[:, None]  # (B, groups)
+    x = np.repeat(means, 2, axis=1)[:, None, None, :] + rng.standard_normal((2, 6, 5, 8)) * rng.uniform(0.5, 2.0, 8)
+    x = x.astype(np.float32).astype(np.float64)  # the reference sees the float32 input the layer sees
     scale, bias = rng.standard_normal(8), rng.standard_normal(8)
     norm = ShiftedGroupNorm(num_groups=4, epsilon=1e-5)
     params = {"params": {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}}
     assert jax.tree.map(jnp.shape, norm.init(jax.random.key(0), jnp.zeros((1, 2, 2, 8)))) == \
         jax.tree.map(jnp.shape, params)  # flax GroupNorm's names and shapes: checkpoints load as before
     want = _group_norm_float64(x, 4, 1e-5, scale, bias)
-    np.testing.assert_allclose(norm.apply(params, jnp.asarray(x, jnp.float32)), want, atol=2e-4)
+    np.testing.assert_allclose(norm.apply(params, jnp.asarray(x, jnp.float32)), want, atol=2e-5)
     tokens = x.reshape(2, 30, 8)  # (B, L, C) inputs too
     np.testing.assert_allclose(norm.apply(params, jnp.asarray(tokens, jnp.float32)),
-                               _group_norm_float64(tokens, 4, 1e-5, scale, bias), atol=2e-4)
+                               _group_norm_float64(tokens, 4, 1e-5, scale, bias), atol=2e-5)
     if offset:  # the one-pass variance without the shift loses the groups' variance to cancellation
         fast = layers.group_norm(8, jnp.float32, groups=4, eps=1e-5, fast_variance=True)
         assert np.abs(np.asarray(fast.apply(params, jnp.asarray(x, jnp.float32))) - want).max() > 1e-2
 
 
-def test_shifted_group_norm_gradient_against_finite_differences():
+def test_shifted_group_norm_gradient_is_the_two_pass_gradient():
     rng = np.random.default_rng(1)
-    x = jnp.asarray(5.0 + rng.standard_normal((1, 3, 3, 4)), jnp.float64 if jax.config.x64_enabled else jnp.float32)
-    norm = ShiftedGroupNorm(num_groups=2, epsilon=1e-5)
-    params = norm.init(jax.random.key(0), x)
-    w = jnp.asarray(rng.standard_normal(x.shape), x.dtype)
-    f = lambda x: jnp.sum(norm.apply(params, x) * w)
-    grad = np.asarray(jax.grad(f)(x), np.float64)
-    d = jnp.asarray(rng.standard_normal(x.shape), x.dtype)
-    h = 1e-2
-    numeric = (float(f(x + h * d)) - float(f(x - h * d))) / (2 * h)
-    assert np.sum(grad * np.asarray(d)) == pytest.approx(numeric, rel=2e-2)
+    x = jnp.asarray(5.0 + rng.standard_normal((2, 3, 3, 8)) * rng.uniform(0.5, 2.0, 8), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours = ShiftedGroupNorm(num_groups=4, epsilon=1e-5)
+    flax_two_pass = nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False)
+    params = ours.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    grads = [jax.grad(lambda x, p, m=m: jnp.sum(m.apply(p, x) * w), (0, 1))(x, params) for m in (ours, flax_two_pass)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_odd_length_attention_gradient_is_the_xla_gradient(monkeypatch):
-    """The wiring of the fused-forward, XLA-gradient attention that cross-attention to 77 tokens takes on a
-    GPU, run here with XLA as the forward: values and gradients must be plain attention's."""
-    monkeypatch.setattr(layers, "FUSED_FORWARD", None)
+def test_odd_length_attention_takes_the_fused_forward_with_the_xla_gradient(monkeypatch):
+    """Odd sequence lengths under implementation="cudnn" route to the fused-forward, XLA-gradient attention
+    (cross-attention to 77 tokens on a GPU): its values and gradients must be plain attention's. Here every
+    kernel asked for runs as XLA's, and which one was asked for is recorded."""
+    real, asked, routed = jax.nn.dot_product_attention, [], []
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, implementation=None, **kw: asked.append(implementation) or real(*a, **kw))
+    monkeypatch.setattr(layers, "cudnn_attention_fits", lambda q, mask=None, k=None: True)
+    inner = layers._cudnn_forward_xla_gradient
+    monkeypatch.setattr(layers, "_cudnn_forward_xla_gradient", lambda *a: routed.append(1) or inner(*a))
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((2, n, 2, 8)), jnp.float32) for n in (6, 7, 7))
     w = jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.float32)
-    plain = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * w)
-    routed = lambda q, k, v: jnp.sum(layers._cudnn_forward_xla_gradient(q, k, v) * w)
-    np.testing.assert_allclose(routed(q, k, v), plain(q, k, v), rtol=1e-6)
-    for ours, want in zip(jax.grad(routed, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v), strict=True):
+    plain = lambda q, k, v: jnp.sum(real(q, k, v) * w)
+    fused = lambda q, k, v: jnp.sum(attention(q, k, v, implementation="cudnn") * w)
+    np.testing.assert_allclose(fused(q, k, v), plain(q, k, v), rtol=1e-6)
+    assert routed and asked == ["cudnn"], (routed, asked)
+    asked.clear()
+    for ours, want in zip(jax.grad(fused, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v), strict=True):
         np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+    assert asked.count("cudnn") == 1 and None in asked, asked  # the forward fused, the gradient XLA's
+    routed.clear()
+    asked.clear()
+    attention(q[:, :6], k[:, :6], v[:, :6], implementation="cudnn")  # even lengths: the fused kernel itself
+    assert not routed and asked == ["cudnn"]
 
 
 def test_nearest_resize_follows_pytorch_indexing():
