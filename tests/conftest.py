@@ -42,7 +42,13 @@ SLOW_FIRST = [
 ]
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook, which should have named the groups
+def pytest_collection_modifyitems(config, items):
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        for item in items:
+            if (mark := item.get_closest_marker("xdist_group")) is not None:
+                _name_group(item, mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
     def rank(item):
         return next((i for i, name in enumerate(SLOW_FIRST) if name in item.nodeid), len(SLOW_FIRST))
 
@@ -52,6 +58,21 @@ def pytest_collection_modifyitems(items):
             group = [i for i in items if (m := i.get_closest_marker("xdist_group")) and m.args == mark.args]
             ranks[item] = min(ranks[i] for i in group)
     items.sort(key=ranks.__getitem__)  # stable: the rest keep their order
+
+
+def _name_group(item, group: str) -> None:
+    """xdist keeps a group together by the "@group" ending of its tests' ids, which its worker writes into
+    pytest's private ``_nodeid``; pytest 9.2 keeps ids structured (``_id``), so the write has no effect
+    and every grouped test ran on either worker, each worker training the shared run again (pytest-xdist
+    issue 1386). Write it there too, and stop loudly if neither takes."""
+    if item.nodeid.endswith(f"@{group}"):
+        return
+    ident = getattr(item, "_id", None)
+    if ident is not None and hasattr(type(ident), "parse"):
+        item._id = type(ident).parse(f"{item.nodeid}@{group}")
+    if not item.nodeid.endswith(f"@{group}"):
+        raise pytest.UsageError(f"{item.nodeid}: cannot name its xdist_group {group!r} in its id; this pytest and "
+                                f"pytest-xdist no longer keep such tests on one worker")
 
 
 @pytest.fixture(scope="session")
