@@ -13,13 +13,32 @@ import pytest
 from jaxdiff import mixture, schedules
 
 # Tests build the same small programs again and again (each pipeline or model object compiles afresh), and
-# compiling is most of the suite's time: a compilation cache turns the repeats into reads. One folder per
-# xdist worker, since JAX writes its cache files non-atomically; set here, in-process only, so the children
-# that tests launch keep their own settings.
-_CACHE = tempfile.mkdtemp(prefix=f"jaxdiff-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# compiling is most of the suite's time: a compilation cache turns the repeats into reads. Under xdist the
+# workers share one folder, made by the controller (pytest_configure below), so a program one worker
+# compiled the other reads; JAX writes cache files in place, so sharing needs the cache's size limit, with
+# which JAX holds a file lock (filelock, a dependency of huggingface_hub) around every read and write.
+# Set here, in-process only, so the children that tests launch keep their own settings. The cache is made
+# fresh for each run and removed after it: nothing carries over between runs.
+_SHARED_CACHE = "JAXDIFF_TEST_XLA_CACHE"
+if os.environ.get(_SHARED_CACHE):
+    _CACHE = os.environ[_SHARED_CACHE]
+else:
+    _CACHE = tempfile.mkdtemp(prefix=f"jaxdiff-xla-cache-{os.getpid()}-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_compilation_cache_max_size", 8 << 30)  # the limit turns the file lock on
+
+
+def pytest_configure(config):
+    # the xdist controller (it compiles nothing) makes the workers' shared cache before it starts them
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        os.environ[_SHARED_CACHE] = tempfile.mkdtemp(prefix="jaxdiff-xla-cache-shared-")
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get(_SHARED_CACHE):
+        shutil.rmtree(os.environ.pop(_SHARED_CACHE), ignore_errors=True)
 
 # The longest tests (measured, slowest first), started before the rest: pytest-xdist hands tests out in
 # collection order, and one of these started last would keep one worker busy alone while the other idles.
