@@ -13,13 +13,32 @@ import pytest
 from jaxdiff import mixture, schedules
 
 # Tests build the same small programs again and again (each pipeline or model object compiles afresh), and
-# compiling is most of the suite's time: a compilation cache turns the repeats into reads. One folder per
-# xdist worker, since JAX writes its cache files non-atomically; set here, in-process only, so the children
-# that tests launch keep their own settings.
-_CACHE = tempfile.mkdtemp(prefix=f"jaxdiff-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# compiling is most of the suite's time: a compilation cache turns the repeats into reads. Under xdist the
+# workers share one folder, made by the controller (pytest_configure below), so a program one worker
+# compiled the other reads; JAX writes cache files in place, so sharing needs the cache's size limit, with
+# which JAX holds a file lock (filelock, a dependency of huggingface_hub) around every read and write.
+# Set here, in-process only, so the children that tests launch keep their own settings. The cache is made
+# fresh for each run and removed after it: nothing carries over between runs.
+_SHARED_CACHE = "JAXDIFF_TEST_XLA_CACHE"
+if os.environ.get(_SHARED_CACHE):
+    _CACHE = os.environ[_SHARED_CACHE]
+else:
+    _CACHE = tempfile.mkdtemp(prefix=f"jaxdiff-xla-cache-{os.getpid()}-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_compilation_cache_max_size", 8 << 30)  # the limit turns the file lock on
+
+
+def pytest_configure(config):
+    # the xdist controller (it compiles nothing) makes the workers' shared cache before it starts them
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        os.environ[_SHARED_CACHE] = tempfile.mkdtemp(prefix="jaxdiff-xla-cache-shared-")
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get(_SHARED_CACHE):
+        shutil.rmtree(os.environ.pop(_SHARED_CACHE), ignore_errors=True)
 
 # The longest tests (measured, slowest first), started before the rest: pytest-xdist hands tests out in
 # collection order, and one of these started last would keep one worker busy alone while the other idles.
@@ -42,7 +61,13 @@ SLOW_FIRST = [
 ]
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook, which should have named the groups
+def pytest_collection_modifyitems(config, items):
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        for item in items:
+            if (mark := item.get_closest_marker("xdist_group")) is not None:
+                _name_group(item, mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
     def rank(item):
         return next((i for i, name in enumerate(SLOW_FIRST) if name in item.nodeid), len(SLOW_FIRST))
 
@@ -52,6 +77,21 @@ def pytest_collection_modifyitems(items):
             group = [i for i in items if (m := i.get_closest_marker("xdist_group")) and m.args == mark.args]
             ranks[item] = min(ranks[i] for i in group)
     items.sort(key=ranks.__getitem__)  # stable: the rest keep their order
+
+
+def _name_group(item, group: str) -> None:
+    """xdist keeps a group together by the "@group" ending of its tests' ids, which its worker writes into
+    pytest's private ``_nodeid``; pytest 9.2 keeps ids structured (``_id``), so the write has no effect
+    and every grouped test ran on either worker, each worker training the shared run again (pytest-xdist
+    issue 1386). Write it there too, and stop loudly if neither takes."""
+    if item.nodeid.endswith(f"@{group}"):
+        return
+    ident = getattr(item, "_id", None)
+    if ident is not None and hasattr(type(ident), "parse"):
+        item._id = type(ident).parse(f"{item.nodeid}@{group}")
+    if not item.nodeid.endswith(f"@{group}"):
+        raise pytest.UsageError(f"{item.nodeid}: cannot name its xdist_group {group!r} in its id; this pytest and "
+                                f"pytest-xdist no longer keep such tests on one worker")
 
 
 @pytest.fixture(scope="session")

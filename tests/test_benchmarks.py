@@ -29,9 +29,10 @@ def test_speed_benchmark_tiny_on_four_simulated_devices(tmp_path):
 
 
 def test_stable_diffusion_benchmark_tiny(tmp_path):
-    """The SD benchmark on the tiny test pipeline, jaxdiff alone (CI has no torch): its table renders."""
+    """The SD benchmark on the tiny test pipeline, jaxdiff alone (CI has no torch): its table renders. At -O0,
+    as the speed benchmark's test: nothing here is timed for real."""
     out = tmp_path / "sd.md"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     res = subprocess.run([sys.executable, "-m", "benchmarks.sd_speed", "--tiny", "--impls", "jaxdiff",
                           "--batches", "1,2", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=env)
@@ -45,7 +46,7 @@ def test_stable_diffusion_training_benchmark_tiny(tmp_path):
     """The SD training benchmark on the tiny U-Net, jaxdiff's LoRA step alone (the cheapest to compile):
     a variant's worker runs and its row, model FLOPs and MFU render."""
     out = tmp_path / "sd_train.md"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     res = subprocess.run([sys.executable, "-m", "benchmarks.sd_train_speed", "--tiny", "--impls", "jaxdiff",
                           "--modes", "lora", "--checkpointing", "0", "--batches", "2", "--peak-bf16", "1",
                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

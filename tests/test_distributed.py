@@ -74,16 +74,22 @@ class Launch:
     """Processes started together; ``codes``, ``stdout``, ``stderr`` and ``writes`` (audited paths)
     per process, once every one has ended or been killed."""
 
-    def __init__(self, folder: Path, name: str, argvs, devices: int, module: str = "experiments.mnist_cfg"):
+    def __init__(self, folder: Path, name: str, argvs, devices: int, module: str = "experiments.mnist_cfg",
+                 caches=None):
         folder.mkdir(parents=True, exist_ok=True)
         env = environment(devices)
+        caches = caches or [None] * len(argvs)
         files = [(folder / f"{name}.{i}.stdout", folder / f"{name}.{i}.stderr", folder / f"{name}.{i}.writes")
                  for i in range(len(argvs))]
         procs = []
-        for argv, (out, err, writes) in zip(argvs, files, strict=True):
+        for argv, (out, err, writes), cache in zip(argvs, files, caches, strict=True):
+            # XLA's own caches off: their folder would enter the key, and each process reads its own copy
+            cached = {} if cache is None else {"JAX_COMPILATION_CACHE_DIR": str(cache),
+                                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+                                               "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES": "none"}
             with open(out, "w") as o, open(err, "w") as e:
                 procs.append(subprocess.Popen([sys.executable, "-c", RUNNER, str(writes), module, *map(str, argv)],
-                                              cwd=ROOT, env=env, stdout=o, stderr=e))
+                                              cwd=ROOT, env={**env, **cached}, stdout=o, stderr=e))
         self.timed_out = _wait(procs)
         self.codes = [p.returncode for p in procs]
         self.stdout = [o.read_text() for o, _, _ in files]
@@ -118,12 +124,13 @@ def _wait(procs) -> bool:
     return False
 
 
-def two_processes(folder, name, args, outs=None) -> Launch:
-    """mnist_cfg as processes 0 and 1 of one run (``outs``: each process's --out, else args hold it)."""
+def two_processes(folder, name, args, outs=None, caches=None) -> Launch:
+    """mnist_cfg as processes 0 and 1 of one run (``outs``: each process's --out, else args hold it;
+    ``caches``: each process's compilation cache folder, or None)."""
     port = free_port()
     argvs = [[*args, *(["--out", outs[i]] if outs else []), "--coordinator", f"127.0.0.1:{port}",
               "--num-processes", "2", "--process-id", str(i)] for i in range(2)]
-    return Launch(folder, name, argvs, devices=2)
+    return Launch(folder, name, argvs, devices=2, caches=caches)
 
 
 def losses(out: Path) -> np.ndarray:
@@ -144,7 +151,10 @@ def test_two_processes_train_as_one_process_write_as_one_and_resume_exactly(tmp_
     write_split(tmp_path / "idx", "train", 64)
     write_split(tmp_path / "idx", "test", 32)
     args = [*TINY, "--steps", "4", "--data-dir", tmp_path / "idx"]
-    two = two_processes(tmp_path / "logs", "two", [*args, "--out", tmp_path / "two"])
+    # process 0 keeps its programs in a compilation cache (JAX writes one from process 0 only), which the
+    # resume below reads back instead of compiling them again
+    two = two_processes(tmp_path / "logs", "two", [*args, "--out", tmp_path / "two"],
+                        caches=[tmp_path / "xla-cache", None])
     assert two.codes == [0, 0] and not two.timed_out, two.report()
     one = Launch(tmp_path / "logs", "one", [[*args, "--out", tmp_path / "one"]], devices=4)
     assert one.codes == [0], one.report()
@@ -186,7 +196,13 @@ def resumes_exactly(root, args):
     out = root / "resumed"
     shutil.copytree(root / "two", out)
     shutil.rmtree(out / "checkpoints" / "4")
-    run = two_processes(root / "logs", "resumed", [*args, "--out", out, "--resume"])
+    # each process reads its own copy of the first run's cache: JAX writes a cache file in place, so no
+    # process may read a folder that another is writing. A cached program is the one a compile gives; the
+    # numbers compared are the runtime's.
+    caches = [root / f"xla-cache-{i}" for i in range(2)]
+    for cache in caches:
+        shutil.copytree(root / "xla-cache", cache)
+    run = two_processes(root / "logs", "resumed", [*args, "--out", out, "--resume"], caches=caches)
     assert run.codes == [0, 0], run.report()
     assert "resumed from step 2" in run.stderr[0] and "resumed" not in run.stderr[1], run.report()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]

@@ -15,6 +15,7 @@ import pytest
 from jaxdiff import schedules, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
 from jaxdiff.nets.unet import textbook_unet
+from jaxdiff.specs import _init_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = textbook_unet(num_classes=10, channels=(8, 16), cond_dim=32)
@@ -26,7 +27,9 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 def setup(seed=0, tx=None):
     x = jnp.zeros((1, 8, 8, 1))
-    params = MODEL.init(jax.random.key(seed), x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+    # one program, at -O0 (as Spec.init): op by op, XLA:CPU compiles each of the init's ~150 operations alone
+    params = _init_once(lambda key: MODEL.init(key, x, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32)),
+                        jax.random.key(seed))
     tx = tx or train.make_optimizer(train.OptimConfig(learning_rate=1e-3, warmup_steps=2))
     loss_fn = train.diffusion_loss(MODEL.apply, SCHED, p_uncond=0.1, null_label=10)
     return train.init_state(params, tx, seed), tx, loss_fn
