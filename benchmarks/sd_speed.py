@@ -215,7 +215,8 @@ def log(msg: str) -> None:
     print(f"[sd_speed] {msg}", file=sys.stderr, flush=True)
 
 
-def worker(args) -> None:
+def worker(args, run_jaxdiff=run_jaxdiff, run_diffusers=run_diffusers) -> None:
+    """One implementation's measurements into --json; sdxl_speed passes its own runners."""
     impl = args.worker
     if impl.startswith("jaxdiff-levers:"):
         undo_levers(int(impl.split(":")[1]))
@@ -269,20 +270,25 @@ def results_table(results: dict, heading: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, impls, *, batches: str, steps: int, size: int, timeout: int) -> argparse.ArgumentParser:
+    """The flags of sd_speed and sdxl_speed, with each one's defaults."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default="jaxdiff,diffusers-eager,diffusers-compiled",
-                   help=f"comma-separated, from {', '.join(IMPLS)}")
-    p.add_argument("--batches", default="1,8", type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--size", type=int, default=512)
+                   help=f"comma-separated, from {', '.join(impls)}")
+    p.add_argument("--batches", default=batches, type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--size", type=int, default=size)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="the tiny test pipeline on the CPU: a smoke run")
     p.add_argument("--out", default=None, help="write the table here (markdown)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
+    p.add_argument("--timeout", type=int, default=timeout, help="seconds per implementation")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser(__doc__, IMPLS, batches="1,8", steps=50, size=512, timeout=900).parse_args(argv)
     if args.tiny:
         args.size, args.steps = 32, min(args.steps, 3)
     if args.worker:

@@ -16,7 +16,6 @@ benchmarks.sd_speed reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,7 +24,16 @@ import time
 
 import numpy as np
 
-from benchmarks.sd_speed import FIXTURES, Rows, device_name, random_params, results_table, run_impls, save_json, timed
+from benchmarks.sd_speed import (
+    FIXTURES,
+    Rows,
+    parser,
+    random_params,
+    results_table,
+    run_impls,
+    timed,
+    worker,
+)
 
 TOKENIZERS = (os.path.join(FIXTURES, "sd_tokenizer", "sd1"), os.path.join(FIXTURES, "sd_tokenizer", "sd2"))
 IMPLS = ("jaxdiff", "jaxdiff-xla-attention", "diffusers-eager", "diffusers-compiled")
@@ -127,16 +135,6 @@ def run_diffusers(args, compiled: bool) -> list[dict]:
     return rows
 
 
-def worker(args) -> None:
-    impl = args.worker
-    if impl.startswith("jaxdiff"):
-        rows = run_jaxdiff(args, None if impl == "jaxdiff-xla-attention" else "cudnn")
-    else:
-        rows = run_diffusers(args, compiled=impl == "diffusers-compiled")
-    if not rows:  # nothing measured (no batches): still say what it ran on
-        save_json(args.json, {"impl": impl, "rows": [], "device": device_name(impl)})
-
-
 def table(results: dict, args) -> str:
     arch = "the tiny SDXL test pipeline (a CPU smoke run)" if args.tiny else "SDXL base 1.0 architecture"
     return results_table(results, f"{arch}, random weights, {args.size}x{args.size}, {args.steps} steps of "
@@ -146,23 +144,11 @@ def table(results: dict, args) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impls", default="jaxdiff,diffusers-eager,diffusers-compiled",
-                   help=f"comma-separated, from {', '.join(IMPLS)}")
-    p.add_argument("--batches", default="1,4", type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tiny", action="store_true", help="the tiny test pipeline on the CPU: a smoke run")
-    p.add_argument("--out", default=None, help="write the table here (markdown)")
-    p.add_argument("--timeout", type=int, default=1200, help="seconds per implementation")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parser(__doc__, IMPLS, batches="1,4", steps=30, size=1024, timeout=1200).parse_args(argv)
     if args.tiny:
         args.size, args.steps = 32, min(args.steps, 3)
     if args.worker:
-        return worker(args)
+        return worker(args, run_jaxdiff, run_diffusers)
     run_impls(args, "benchmarks.sdxl_speed", IMPLS, table)
 
 
