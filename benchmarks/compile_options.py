@@ -25,6 +25,7 @@ VARIANTS = {
     "cuBLAS for the dots (no Triton GEMM)": {"xla_gpu_enable_triton_gemm": False},
     "both": {"xla_gpu_autotune_level": 1, "xla_gpu_enable_triton_gemm": False},
     "no autotuning (level 0): what autotuning costs": {"xla_gpu_autotune_level": 0},
+    "level 0 and cuBLAS": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
 }
 
 
