@@ -19,6 +19,7 @@ import argparse
 import platform
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import numpy as np
 
 from jaxdiff import guidance, sampling, schedules, train
 from jaxdiff.nets.unet import textbook_unet
+from jaxdiff.pipeline import LOOP_COMPILER_OPTIONS
 
 
 def timed(fn, repeats: int) -> float:
@@ -107,8 +109,8 @@ class JaxBench:
     def sample_rate(self, batch: int) -> float:
         model = self.model
 
-        @jax.jit
-        def generate(params, labels, key):
+        @partial(jax.jit, compiler_options=LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None)
+        def generate(params, labels, key):  # compiled as the pipeline compiles its samplers
             # as the pipeline does: the parameters cast to the compute dtype once, outside the loop
             params = jax.tree.map(lambda a: a.astype(self.dtype), params)
             eps = guidance.cfg(lambda x, t, y: model.apply(params, x, t, y), labels, 10, 3.0)
@@ -196,6 +198,7 @@ def main(argv=None):
     p.add_argument("--steps-per-dispatch", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sample-repeats", type=int, default=2)
+    p.add_argument("--unroll", type=ints, default=[1], help="sampling loop unroll(s) to measure (sampling.UNROLL)")
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--torch", choices=["auto", "off"], default="auto")
     p.add_argument("--torch-compile-on-cpu", action="store_true")
@@ -227,8 +230,13 @@ def main(argv=None):
         info.append(f"train step at batch {b}: {train_fl / 1e9:.3f} GFLOP per image; "
                     f"{jax_train[b] * train_fl / rate:.1%} of the measured bf16 matmul rate")
     for b in args.sample_batches:
-        jax_sample[b] = jb.sample_rate(b)
-        rows.append(log_row(("jaxdiff", "sample", b, jax_sample[b], 1.0)))
+        for u in args.unroll:  # the first is the one compared with PyTorch
+            sampling.UNROLL = u
+            rate = jb.sample_rate(b)
+            jax_sample.setdefault(b, rate)
+            rows.append(log_row(("jaxdiff" + (f" (scan unroll {u})" if len(args.unroll) > 1 else ""), "sample", b,
+                                 rate, rate / jax_sample[b])))
+        sampling.UNROLL = 1
     n = jax.local_device_count()
     if args.scaling_only and n == 1:
         info.append("one device: no data-parallel scaling to measure")

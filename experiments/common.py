@@ -248,6 +248,7 @@ def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "t
     if trainer.is_writer():
         out.mkdir(parents=True, exist_ok=True)
         print(f"{label}: {what}, {len(devs)} x {devs[0].device_kind}", file=sys.stderr)
+        threading.Thread(target=_font_list, daemon=True).start()  # for the loss plot at the end
     try:
         result = trainer.fit(spec, loss_fn, batches, config, directory=out / "checkpoints", params=params,
                              resume=args.resume, meta=meta, devices=devs, loss_log=out / "loss.csv", label=label,
@@ -419,6 +420,41 @@ def plot_loss(csv_path, png_path, title: str):
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, png_path)
+
+
+def _font_list() -> None:
+    """Have matplotlib build its list of the system's fonts, which its first use on a machine does (seconds:
+    every font file is read), while training runs rather than after it."""
+    with contextlib.suppress(Exception):
+        import matplotlib.font_manager  # noqa: F401
+
+
+class Later:
+    """``fn()`` in a background thread once ``start()`` is called (e.g. as ``trainer.fit``'s ``compiled``, to
+    compile samplers while training runs); ``wait()`` gives its result or raises its error, and runs it here
+    if it was never started."""
+
+    def __init__(self, fn):
+        self.fn, self.thread, self.outcome = fn, None, None
+
+    def start(self) -> None:
+        def body():
+            try:
+                self.outcome = (True, self.fn())
+            except BaseException as err:  # handed to wait()
+                self.outcome = (False, err)
+
+        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is None:
+            return self.fn()
+        self.thread.join()
+        ok, value = self.outcome
+        if not ok:
+            raise value
+        return value
 
 
 def pyplot():

@@ -57,24 +57,26 @@ def run(args, out, started: float):
     times["data"] = time.perf_counter() - t0
     num_classes = data.NUM_CLASSES[args.dataset]
     spec, module, loss = common.label_unet(args, images, args.p_uncond)
+    # the grids' samplers are compiled while training runs (their parameters' values come after it)
+    pipe = Pipeline.for_labels(spec, module, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), spec.template()))
+    draws = grids(args, num_classes)
+    asked = np.arange(args.eval_samples) % num_classes
+    judged = dict(gamma=args.gamma, seed=args.seed + 2)
+    settings = dict(sampler=args.sampler, steps=args.sample_steps)
+    samplers = common.Later(lambda: [pipe.compile(rows, **kw, **settings) for _, rows, _, kw in draws]
+                            + ([pipe.compile(asked, **judged, **settings)] if args.eval_classifier else []))
     t0 = time.perf_counter()
-    result = common.fit(args, spec, loss, images, labels, out,
+    result = common.fit(args, spec, loss, images, labels, out, compiled=samplers.start,
                         meta={"dataset": args.dataset, "split": args.split, "p_uncond": args.p_uncond})
     times["training"] = result.seconds
     # around the loop: the initial parameters, opening and closing the checkpoints, the loss plot
     times["setup and wrap-up of training"] = time.perf_counter() - t0 - result.seconds
 
-    pipe = Pipeline.for_labels(spec, module, jax.device_get(result.state.ema_params))
-    sample = lambda rows, **kw: pipe(rows, sampler=args.sampler, steps=args.sample_steps, **kw)
     t0 = time.perf_counter()
-    rows = np.repeat(np.arange(num_classes), len(args.gammas))
-    imgs = sample(rows, gamma=np.tile(np.asarray(args.gammas, np.float32), num_classes), seed=args.seed)
-    common.save_grid(out / "samples.png", imgs, num_classes, len(args.gammas))
-    rows = np.repeat(np.arange(num_classes), args.per_label)
-    imgs = sample(rows, gamma=args.gamma, seed=args.seed + 1)
-    common.save_grid(out / f"samples_gamma{args.gamma:g}.png", imgs, num_classes, args.per_label)
-    neg = sample(rows, negative=(rows + 1) % num_classes, gamma=args.gamma, seed=args.seed + 1)
-    common.save_grid(out / "negative.png", neg, num_classes, args.per_label)
+    samplers.wait()
+    pipe.params["unet"] = jax.device_get(result.state.ema_params)  # the compiled samplers read them as arguments
+    for name, rows, cols, kw in draws:
+        common.save_grid(out / name, pipe(rows, **kw, **settings), num_classes, cols)
     sample_s = times["sampling"] = time.perf_counter() - t0
     accuracy = ""
     t0 = time.perf_counter()
@@ -82,8 +84,7 @@ def run(args, out, started: float):
         train_images, train_labels = common.load_data(args, "train")
         judge = Judge.train_or_load(args.eval_classifier, train_images, train_labels, dataset=args.dataset,
                                     steps=args.judge_steps, seed=args.seed)
-        asked = np.arange(args.eval_samples) % num_classes
-        acc = judge.accuracy(sample(asked, gamma=args.gamma, seed=args.seed + 2), asked)
+        acc = judge.accuracy(pipe(asked, **judged, **settings), asked)
         accuracy = f"class accuracy {acc:.4f} ({args.eval_samples} samples, gamma {args.gamma:g}), "
         times["judging"] = time.perf_counter() - t0
     nfe = sampling.nfe(args.sampler, args.sample_steps, pipe.schedule)
@@ -95,6 +96,18 @@ def run(args, out, started: float):
         print(f"wall {wall:.1f}s: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
               + f" (training's first dispatch, its compile included: {result.first_dispatch:.1f}s)")
     sys.stdout.flush()
+
+
+def grids(args, num_classes: int) -> list:
+    """(file name, labels, columns, sampling settings) of each grid the job draws."""
+    per_label = np.repeat(np.arange(num_classes), args.per_label)
+    return [
+        ("samples.png", np.repeat(np.arange(num_classes), len(args.gammas)),
+         len(args.gammas), dict(gamma=np.tile(np.asarray(args.gammas, np.float32), num_classes), seed=args.seed)),
+        (f"samples_gamma{args.gamma:g}.png", per_label, args.per_label, dict(gamma=args.gamma, seed=args.seed + 1)),
+        ("negative.png", per_label, args.per_label,
+         dict(negative=(per_label + 1) % num_classes, gamma=args.gamma, seed=args.seed + 1)),
+    ]
 
 
 if __name__ == "__main__":

@@ -299,12 +299,10 @@ class Pipeline:
         out = self.sample(condition, negative, **kwargs)
         return out if kwargs.get("denoising_end") is not None else to_uint8(out)
 
-    def sample(self, condition, negative=None, *, gamma=None, sampler: str = "auto", steps: int | None = None,
-               seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
-               width: int | None = None, latents=None, image=None, strength: float | None = None,
-               mask=None, denoising_end: float | None = None, denoising_start: float | None = None,
-               **settings) -> jax.Array:
+    def sample(self, condition, negative=None, **settings) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
+        Keywords (all optional): gamma, sampler, steps, seed (0), eta, clip_x0 ("auto"), height, width, latents,
+        image, strength, mask, denoising_end, denoising_start, and the condition's own.
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
@@ -333,13 +331,35 @@ class Pipeline:
         ``denoising_end`` / ``denoising_start`` in (0, 1) (SDXL's ensemble of experts, as diffusers): stop at,
         or start from, the first grid timestep below (1 - fraction) of the training steps; with ``denoising_end``
         the result is the latents there, not decoded (hand them to the refiner as ``latents=`` with
-        ``denoising_start``, which walks the rest of the grid from them, adding no noise). ``settings``: the
-        condition's own (SDXL: prompt_2, negative_2, original_size, crops_coords_top_left,
+        ``denoising_start``, which walks the rest of the grid from them, adding no noise). Any other keyword is
+        the condition's own (SDXL: prompt_2, negative_2, original_size, crops_coords_top_left,
         target_size, their negative_ counterparts, aesthetic_score, negative_aesthetic_score).
 
         Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
         or inf: the condition's states, the latents or samples, the decoded image.
         """
+        fn, args, stages = self._program(condition, negative, **settings)
+        out, finite = fn(*args)
+        finite = np.asarray(finite)  # the one wait: a result is checked before it is handed out
+        if not finite.all():
+            raise NonFiniteSample(stages[int(np.argmin(finite))])
+        return out
+
+    def compile(self, condition, negative=None, **settings) -> None:
+        """Compile, ahead of time and without running it, the program ``sample`` runs for these arguments (the
+        same checks first), so that call starts at once: e.g. in a background thread while the parameters are
+        still being trained. The parameters' values are not read, only their shapes and dtypes, which must be
+        those the call will have (``self.params`` may be replaced in between)."""
+        fn, args, _ = self._program(condition, negative, **settings)
+        fn.lower(*args).compile()
+
+    def _program(self, condition, negative=None, *, gamma=None, sampler: str = "auto", steps: int | None = None,
+                 seed: int = 0, eta: float | None = None, clip_x0="auto", height: int | None = None,
+                 width: int | None = None, latents=None, image=None, strength: float | None = None,
+                 mask=None, denoising_end: float | None = None, denoising_start: float | None = None,
+                 **settings):
+        """(the compiled sampler, its arguments, the names of the stages it checks for non-finite values) for
+        ``sample``'s arguments, checked."""
         asked = sampler
         sampler, steps, walk = self._resolve(sampler, steps, image)
         # a sampler of one's own: any function with the samplers' keyword signature (key, steps,
@@ -418,12 +438,8 @@ class Pipeline:
         if sig not in self._compiled:
             options = LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None
             self._compiled[sig] = jax.jit(partial(self._generate, *sig), compiler_options=options)
-        out, finite = self._compiled[sig](self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed),
-                                          latents, image, inpaint)
-        finite = np.asarray(finite)  # the one wait: a result is checked before it is handed out
-        if not finite.all():
-            raise NonFiniteSample(self._stages(image is not None, inpaint is not None)[int(np.argmin(finite))])
-        return out
+        args = (self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed), latents, image, inpaint)
+        return self._compiled[sig], args, self._stages(image is not None, inpaint is not None)
 
     def _resolve(self, sampler, steps, image):
         """(sampler, steps, walk) to run: jaxdiff's own samplers and functions as given (walk None); any other

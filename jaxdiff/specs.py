@@ -16,13 +16,14 @@ checkpoint stores ``spec.to_dict()`` and a resume compares it whole::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import conditions
+from jaxdiff import conditions, host
 from jaxdiff.schedules import Schedule, ScheduleSpec
 
 REGISTRY: dict[str, type] = {}
@@ -38,13 +39,16 @@ def linear_schedule(num_timesteps: int = 1000) -> ScheduleSpec:
 
 
 def _init_once(init, key):
-    """``jax.jit(init)(key)``; on the CPU compiled without XLA's backend optimisations, which cut its compile
-    time about five-fold (10.5 -> 2.2 s for a small U-Net) for a program that runs once. Under a trace (an
-    outer jit, eval_shape) it is staged into that program as it is."""
-    init = jax.jit(init)
-    if isinstance(key, jax.core.Tracer) or jax.default_backend() != "cpu":
-        return init(key)
-    return init.lower(key).compile(compiler_options={"xla_backend_optimization_level": 0})(key)
+    """``jax.jit(init)(key)`` as a program that runs once (``jaxdiff.host``: on the host's CPU without XLA's
+    backend optimisations, which cut its compile time about five-fold, 10.5 -> 2.2 s for a small U-Net, and
+    on a GPU spare its ~6 s compile there), the parameters then on the default device."""
+    return host.to_default_device(host.run_once(init, key))
+
+
+@functools.lru_cache(maxsize=16)
+def _template(spec):
+    """A spec's parameter shapes, traced once per spec (a trace of the whole network: ~0.5 s for a U-Net)."""
+    return jax.eval_shape(lambda: spec.init(0))
 
 
 def _tuple(v):
@@ -71,7 +75,11 @@ class Spec:
 
     def template(self):
         """The parameters' shapes and dtypes (jax.ShapeDtypeStruct), nothing allocated."""
-        return jax.eval_shape(lambda: self.init(0))
+        try:
+            hash(self)
+        except TypeError:  # a setting that is not hashable: traced each time
+            return jax.eval_shape(lambda: self.init(0))
+        return jax.tree.map(lambda a: a, _template(self))  # new containers: the cached tree stays as it is
 
     def build_schedule(self) -> Schedule:
         """The noise schedule of a spec that has one (diffusion models, noisy classifiers)."""

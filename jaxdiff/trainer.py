@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxdiff import distributed, sharding, train
+from jaxdiff import distributed, host, sharding, train
 from jaxdiff.checkpoint import Checkpoints, ConfigMismatch
 
 __all__ = ["TrainConfig", "TrainResult", "RunExists", "ConfigMismatch", "Interrupted", "fit", "Progress", "LossLog"]
@@ -208,7 +208,8 @@ def checkpoint_config(spec, config: TrainConfig, meta: dict | None) -> dict:
 def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None, params: Any = None,
           resume: bool = False, meta: dict | None = None, devices=None, loss_log=None,
           progress: bool | Progress = True, label: str = "train", mesh: str | None = None,
-          frozen: Any = None, every: tuple[int, Callable] | None = None) -> TrainResult:
+          frozen: Any = None, every: tuple[int, Callable] | None = None,
+          compiled: Callable[[], None] | None = None) -> TrainResult:
     """Train ``params`` (default: ``spec.init(config.seed)``) on ``loss_fn`` for ``config.steps`` steps.
 
     ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
@@ -227,6 +228,8 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     step as data and are neither checkpointed nor averaged.
     ``every``: ``(n, fn)`` calls ``fn(state, step)`` after every n-th step (dispatches end there), on every
     process, e.g. to draw validation samples from the EMA parameters while training goes on.
+    ``compiled``: called once the training program is compiled and its first dispatch is on its way, e.g.
+    to compile the samplers in a background thread while training goes on.
     """
     if every is not None and (isinstance(every[0], bool) or not isinstance(every[0], (int, np.integer))
                               or every[0] < 1 or not callable(every[1])):
@@ -246,7 +249,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     if mesh is None:
         mesh = train.make_mesh(devices)
         # replicated over the mesh before a restore, so orbax restores into globally sharded arrays
-        state = train.replicate(train.init_state(params, tx, config.seed), mesh)
+        state = train.replicate(host.run_once(lambda p: train.init_state(p, tx, config.seed), params), mesh)
     else:  # split over the mesh; a restore reads into the same layout
         mesh = sharding.make_mesh(mesh, devices)
         state = sharding.init_state(params, tx, config.seed, mesh, init=lambda: spec.init(config.seed))
@@ -271,7 +274,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         at = {"step": start}  # where _loop has got to, for an interruption's message
         try:
             result = _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
-                           frozen, every)
+                           frozen, every, compiled)
             if ckpt is not None:
                 ckpt.wait()
         except KeyboardInterrupt:
@@ -288,7 +291,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
 
 
 def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
-          frozen=None, every=None) -> TrainResult:
+          frozen=None, every=None, compiled=None) -> TrainResult:
     sharded = sharding.is_sharded(mesh)
     multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state, frozen=frozen) if sharded
                   else train.data_parallel(loss_fn, tx, config.ema_decay, mesh))
@@ -299,7 +302,26 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
     if show:
         show.start(step, mesh.devices.size)
     skips = Skips(label, show.stream if show else sys.stderr)
-    t0, warm_t, warm_images = time.perf_counter(), None, 0
+    clock = {"t0": time.perf_counter(), "warm": None, "images": 0}
+
+    def account(first: int, k: int, metrics) -> None:
+        """What one dispatch did: its losses (the wait for it), skipped updates, the log and progress."""
+        losses = np.asarray(metrics["loss"])
+        skips.update(first, np.asarray(metrics["finite"]))
+        if ckpt is not None:
+            ckpt.check()  # a background save that failed stops the run here, not at the end
+        if clock["warm"] is None:
+            clock["warm"] = time.perf_counter()
+        else:
+            clock["images"] += k * config.batch_size
+        if log is not None:
+            log.append(first + 1, losses)
+        if show:
+            show.update(first + k, k, float(losses.mean()))
+
+    # One dispatch stays in flight: the host draws and sends the next batches while the device runs the
+    # last ones, rather than leaving the device idle for that time after every dispatch.
+    inflight = []
     while step < config.steps:
         k = min(config.steps_per_dispatch, config.steps - step, config.save_every - step % config.save_every)
         if every is not None:
@@ -308,34 +330,32 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
         check_batches(stacked, step, k, spec, first=step == start)
         local = _local(stacked, config.batch_size)
         state, metrics = multi_step(state, put(local, mesh), frozen)
-        losses = np.asarray(metrics["loss"])  # one host sync per dispatch
-        skips.update(step, np.asarray(metrics["finite"]))
-        if ckpt is not None:
-            ckpt.check()  # a background save that failed stops the run here, not at the end
-        if warm_t is None:
-            warm_t = time.perf_counter()
-        else:
-            warm_images += k * config.batch_size
-        if log is not None:
-            log.append(step + 1, losses)
+        if compiled is not None and step == start:
+            compiled()
+        inflight.append((step, k, metrics))
         step += k
-        at["step"] = step
-        if show:
-            show.update(step, k, float(losses.mean()))
-        if ckpt is not None and (step % config.save_every == 0 or step == config.steps):
+        at["step"] = step  # dispatched: the device trains it whatever the host does next
+        saves = ckpt is not None and (step % config.save_every == 0 or step == config.steps)
+        calls = every is not None and step % every[0] == 0
+        while len(inflight) > (0 if saves or calls else 1):
+            account(*inflight.pop(0))
+        if saves:
             ckpt.save(step, state, saved)
             if log is not None:
                 log.flush()
-        if every is not None and step % every[0] == 0:
+        if calls:
             every[1](state, step)
+    while inflight:
+        account(*inflight.pop(0))
     if log is not None:
         log.flush()
     if show:
         show.close()
     skips.close(step - start)
-    rate = warm_images / (time.perf_counter() - warm_t) if warm_images else float("nan")
-    first = warm_t - t0 if warm_t is not None else float("nan")
-    return TrainResult(state, start, time.perf_counter() - t0, rate, first)
+    warm = clock["warm"]
+    rate = clock["images"] / (time.perf_counter() - warm) if clock["images"] else float("nan")
+    first = warm - clock["t0"] if warm is not None else float("nan")
+    return TrainResult(state, start, time.perf_counter() - clock["t0"], rate, first)
 
 
 class Skips:
