@@ -95,7 +95,7 @@ class JaxBench:
         fl = flops(one, state[0], (xs[0], ys[0])) / batch if count_flops else float("nan")
 
         def run():
-            state[0], m = step(state[0], data)
+            state[0], m = step(state[0], data, None)
             m["loss"].block_until_ready()
 
         sec = timed(run, self.args.repeats)

@@ -36,11 +36,13 @@ def run_once(fn: Callable, *args):
 
 def to_default_device(tree):
     """Arrays of ``tree`` on the default device, uncommitted (as a jit's outputs are), whatever device they
-    were made on; PRNG keys stay keys."""
+    were made on; PRNG keys stay keys, and under a trace the tree is left as it is."""
     if jax.default_backend() == "cpu":
         return tree
 
     def move(a):
+        if isinstance(a, jax.core.Tracer):
+            return a
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(move(jax.random.key_data(a)), impl=jax.random.key_impl(a))
         return jax.numpy.asarray(np.asarray(a))
