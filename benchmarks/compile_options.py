@@ -11,6 +11,7 @@ time), training images/s after it (median of --repeats dispatches) and the sampl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -51,7 +52,11 @@ def measure(options: dict, args) -> dict:
                                 rng.integers(0, 10, (k, args.batch)).astype(np.int32)), mesh)
     state = train.replicate(train.init_state(params, tx, 0), mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, data, None).compile(compiler_options=options or None)
+    opts = jax.profiler.ProfileOptions()
+    opts.host_tracer_level, opts.python_tracer_level = 3, 0  # level 3: XLA's compiler passes and autotuning
+    with (jax.profiler.trace(args.trace, create_perfetto_trace=True, profiler_options=opts) if args.trace
+          else contextlib.nullcontext()):
+        compiled = step.lower(state, data, None).compile(compiler_options=options or None)
     train_compile = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats + 1):
@@ -96,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=int, default=180, help="seconds per option set")
     p.add_argument("--out", default=None)
+    p.add_argument("--trace", default=None,
+                   help="a folder: trace the training program's compile there (jax.profiler, perfetto), one set only")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -107,7 +114,8 @@ def main(argv=None) -> None:
     for name in args.variants.split(","):
         cmd = [sys.executable, "-m", "benchmarks.compile_options", "--worker", name, "--batch", str(args.batch),
                "--channels", ",".join(map(str, args.channels)), "--steps-per-dispatch", str(args.steps_per_dispatch),
-               "--sample-batch", str(args.sample_batch), "--repeats", str(args.repeats)]
+               "--sample-batch", str(args.sample_batch), "--repeats", str(args.repeats)] + (
+                   ["--trace", args.trace] if args.trace else [])
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
