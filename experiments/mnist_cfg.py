@@ -57,14 +57,20 @@ def run(args, out, started: float):
     times["data"] = time.perf_counter() - t0
     num_classes = data.NUM_CLASSES[args.dataset]
     spec, module, loss = common.label_unet(args, images, args.p_uncond)
-    # the grids' samplers are compiled while training runs (their parameters' values come after it)
-    pipe = Pipeline.for_labels(spec, module, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), spec.template()))
     draws = grids(args, num_classes)
     asked = np.arange(args.eval_samples) % num_classes
     judged = dict(gamma=args.gamma, seed=args.seed + 2)
     settings = dict(sampler=args.sampler, steps=args.sample_steps)
-    samplers = common.Later(lambda: [pipe.compile(rows, **kw, **settings) for _, rows, _, kw in draws]
-                            + ([pipe.compile(asked, **judged, **settings)] if args.eval_classifier else []))
+
+    def compiled_pipeline():  # while training runs: the parameters' values come after it, only their shapes now
+        pipe = Pipeline.for_labels(spec, module, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), spec.template()))
+        for _, rows, _, kw in draws:
+            pipe.compile(rows, **kw, **settings)
+        if args.eval_classifier:
+            pipe.compile(asked, **judged, **settings)
+        return pipe
+
+    samplers = common.Later(compiled_pipeline)
     t0 = time.perf_counter()
     result = common.fit(args, spec, loss, images, labels, out, compiled=samplers.start,
                         meta={"dataset": args.dataset, "split": args.split, "p_uncond": args.p_uncond})
@@ -73,7 +79,7 @@ def run(args, out, started: float):
     times["setup and wrap-up of training"] = time.perf_counter() - t0 - result.seconds
 
     t0 = time.perf_counter()
-    samplers.wait()
+    pipe = samplers.wait()
     pipe.params["unet"] = jax.device_get(result.state.ema_params)  # the compiled samplers read them as arguments
     for name, rows, cols, kw in draws:
         common.save_grid(out / name, pipe(rows, **kw, **settings), num_classes, cols)

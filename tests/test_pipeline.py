@@ -1,12 +1,15 @@
 """The pipeline's plumbing (conditions, negatives, gamma, classifier guidance) on the exact
 mixture, where the right answer is known, and the checks on what users pass in."""
 
+import logging
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assign
 
-from jaxdiff import conditions
+from jaxdiff import conditions, specs
 from jaxdiff.nets.text import Tokenizer
 from jaxdiff.pipeline import Pipeline
 
@@ -201,3 +204,20 @@ def test_downsample_against_numpy():
     x = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1))
     np.testing.assert_allclose(conditions.downsample(jnp.asarray(x)), x.reshape(2, 14, 2, 14, 2, 1).mean((2, 4)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_ahead_with_zero_parameters_a_call_with_trained_ones_compiles_nothing_more(caplog):
+    spec = specs.LabelUNet(num_classes=2, channels=(8, 8), cond_dim=16, image_shape=(8, 8, 1))
+    trained = jax.device_get(spec.init(1))
+    pipe = Pipeline.for_labels(spec, spec.module(), jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                                                  spec.template()))
+    labels, settings = np.array([0, 1, 1]), dict(gamma=2.0, steps=3, seed=5)
+    pipe.compile(labels, **settings)
+    pipe.params["unet"] = trained
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        out = pipe.sample(labels, **settings)
+    assert "compilation of jit(_generate)" not in caplog.text
+    fresh = Pipeline.for_labels(spec, spec.module(), trained).sample(labels, **settings)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(fresh))
+    with pytest.raises(ValueError, match="steps"):  # compile checks what sample checks
+        pipe.compile(labels, steps=0)

@@ -70,3 +70,19 @@ def test_a_cosine_checkpoint_loads_back_with_its_cosine_schedule(tmp_path):
     assert pipe.schedule.spec == expected.spec and pipe.schedule.num_timesteps == 200
     np.testing.assert_array_equal(pipe.schedule.alpha_bars, expected.alpha_bars)
     assert pipe([0, 1], steps=3).shape == (2, 8, 8, 1)
+
+
+def test_on_an_accelerator_the_init_runs_once_on_the_host_and_gives_the_cpu_paths_parameters(monkeypatch):
+    """Where the default backend is an accelerator (simulated: jax.default_backend says "gpu"), spec.init runs as
+    one program on the host's CPU and hands back uncommitted arrays on the default device, equal to the CPU path's;
+    under a trace (spec.template's eval_shape) it stays a trace."""
+    spec = specs.LabelUNet(num_classes=2, channels=(8, 8), cond_dim=16, image_shape=(8, 8, 1))
+    on_cpu = spec.init(3)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    moved = spec.init(3)
+    assert jax.tree.structure(moved) == jax.tree.structure(on_cpu)
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(on_cpu), strict=True):
+        assert isinstance(a, jax.Array) and not a.committed
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    shapes = jax.eval_shape(lambda: spec.init(0))
+    assert [s.shape for s in jax.tree.leaves(shapes)] == [a.shape for a in jax.tree.leaves(on_cpu)]
