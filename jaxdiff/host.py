@@ -10,6 +10,9 @@ import jax
 import numpy as np
 
 ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+# Beyond this many values made, an accelerator's speed at making them outweighs its compile time: the host's
+# -O0 code draws ~12M normal values a second on two cores (an SD U-Net's 860M would take over a minute).
+HOST_LIMIT = 20_000_000
 
 
 def cpu():
@@ -20,14 +23,14 @@ def cpu():
         return None
 
 
-def run_once(fn: Callable, *args):
+def run_once(fn: Callable, *args, values: Callable[[], int] = lambda: 0):
     """``fn(*args)`` as one program compiled to run once. Where the default backend is not the CPU, it runs on
-    the host's CPU (when JAX has it) and its results stay there; under a trace (an outer jit, eval_shape) it is
-    staged into that program as it is."""
+    the host's CPU (when JAX has it, and ``values()``, about how many values it makes, is at most HOST_LIMIT) and
+    its results stay there; under a trace (an outer jit, eval_shape) it is staged into that program as it is."""
     if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
         return fn(*args)
     device = cpu()
-    if device is None:
+    if device is None or (jax.default_backend() != "cpu" and values() > HOST_LIMIT):
         return jax.jit(fn)(*args)
     if jax.default_backend() != "cpu":  # on the CPU backend the arguments keep their placement (uncommitted)
         args = jax.device_put(args, device)

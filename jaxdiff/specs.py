@@ -38,11 +38,12 @@ def linear_schedule(num_timesteps: int = 1000) -> ScheduleSpec:
     return ScheduleSpec("linear", num_timesteps, 1e-4, 0.02)
 
 
-def _init_once(init, key):
+def _init_once(init, key, values=lambda: 0):
     """``jax.jit(init)(key)`` as a program that runs once (``jaxdiff.host``: on the host's CPU without XLA's
     backend optimisations, which cut its compile time about five-fold, 10.5 -> 2.2 s for a small U-Net, and
-    on a GPU spare its ~6 s compile there), the parameters then on the default device."""
-    return host.to_default_device(host.run_once(init, key))
+    on a GPU spare its ~6 s compile there; a large network is drawn on the accelerator), the parameters then on
+    the default device."""
+    return host.to_default_device(host.run_once(init, key, values=values))
 
 
 @functools.lru_cache(maxsize=16)
@@ -71,7 +72,8 @@ class Spec:
     def init(self, seed: int = 0):
         """Fresh float32 parameters. One compiled program: run op by op, XLA:CPU compiles each of the
         initialisation's hundreds of operations by itself (seconds for a small U-Net)."""
-        return _init_once(lambda key: self.module().init(key, *self.init_inputs()), jax.random.key(seed))
+        return _init_once(lambda key: self.module().init(key, *self.init_inputs()), jax.random.key(seed),
+                          self.num_params)
 
     def template(self):
         """The parameters' shapes and dtypes (jax.ShapeDtypeStruct), nothing allocated."""
@@ -316,7 +318,7 @@ class ContrastiveText(Spec):
             return {"text": text.init(k1, ids, mask), "image": image.init(k2, _x(self.image_shape)),
                     "logit_scale": jnp.asarray(np.log(10.0), jnp.float32)}
 
-        return _init_once(init, jax.random.key(seed))
+        return _init_once(init, jax.random.key(seed), self.num_params)
 
     def tokenizer(self):
         from jaxdiff.nets.text import Tokenizer

@@ -249,7 +249,9 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     if mesh is None:
         mesh = train.make_mesh(devices)
         # replicated over the mesh before a restore, so orbax restores into globally sharded arrays
-        state = train.replicate(host.run_once(lambda p: train.init_state(p, tx, config.seed), params), mesh)
+        fresh = host.run_once(lambda p: train.init_state(p, tx, config.seed), params,
+                              values=lambda: 4 * sum(np.size(a) for a in jax.tree.leaves(params)))
+        state = train.replicate(fresh, mesh)
     else:  # split over the mesh; a restore reads into the same layout
         mesh = sharding.make_mesh(mesh, devices)
         state = sharding.init_state(params, tx, config.seed, mesh, init=lambda: spec.init(config.seed))

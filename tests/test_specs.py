@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import data, schedules, specs, train, trainer
+from jaxdiff import data, host, schedules, specs, train, trainer
 from jaxdiff.pipeline import Pipeline
 
 SD_PIPE = Path(__file__).parent / "fixtures" / "sd_tiny_sd1pipe"
@@ -86,3 +86,6 @@ def test_on_an_accelerator_the_init_runs_once_on_the_host_and_gives_the_cpu_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     shapes = jax.eval_shape(lambda: spec.init(0))
     assert [s.shape for s in jax.tree.leaves(shapes)] == [a.shape for a in jax.tree.leaves(on_cpu)]
+    monkeypatch.setattr(host, "HOST_LIMIT", 100)  # a network "too large" for the host: drawn where it will run,
+    for a, b in zip(jax.tree.leaves(spec.init(3)), jax.tree.leaves(on_cpu), strict=True):  # fully optimised there
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
