@@ -5,22 +5,17 @@ import os
 import shutil
 import tempfile
 
-# Most test programs are tiny and run once or twice, so LLVM's optimisation costs more than it saves
-# (measured: the suite ~718 -> ~615 s): compile at -O0 unless the caller chose a level. Set before jax
-# starts its backend; the children tests launch inherit it. Long-running programs ask for FULL_OPT.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+from fast_xla import apply_to_environment
+
+# before JAX starts its backend: the children that tests launch inherit it (FAST_XLA for those given their own)
+apply_to_environment()
 
 import jax  # noqa: E402
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxdiff import mixture, schedules  # noqa: E402
-
-# For the few programs whose running time outweighs their compile time (thousands of steps on 100k draws):
-# jax.jit(f, compiler_options=FULL_OPT) compiles that one program at XLA's default level, over the -O0 above.
-FULL_OPT = {"xla_backend_optimization_level": 3}
 
 # Tests build the same small programs again and again (each pipeline or model object compiles afresh), and
 # compiling is most of the suite's time: a compilation cache turns the repeats into reads. Under xdist the

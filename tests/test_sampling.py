@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FULL_OPT, component_stats
+from conftest import component_stats
+from fast_xla import FULL_OPT
 
 from jaxdiff import mixture, sampling, schedules
 
