@@ -5,12 +5,17 @@ import os
 import shutil
 import tempfile
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+from fast_xla import apply_to_environment
 
-from jaxdiff import mixture, schedules
+# before JAX starts its backend: the children that tests launch inherit it (FAST_XLA for those given their own)
+apply_to_environment()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxdiff import mixture, schedules  # noqa: E402
 
 # Tests build the same small programs again and again (each pipeline or model object compiles afresh), and
 # compiling is most of the suite's time: a compilation cache turns the repeats into reads. Under xdist the
@@ -40,24 +45,29 @@ def pytest_unconfigure(config):
     if not hasattr(config, "workerinput") and os.environ.get(_SHARED_CACHE):
         shutil.rmtree(os.environ.pop(_SHARED_CACHE), ignore_errors=True)
 
-# The longest tests (measured, slowest first), started before the rest: pytest-xdist hands tests out in
+# The longest tests (measured under FAST_XLA, slowest first), started before the rest: pytest-xdist hands tests out in
 # collection order, and one of these started last would keep one worker busy alone while the other idles.
 # A test sharing a trained run (xdist_group) moves with its whole group, which runs on one worker.
 SLOW_FIRST = [
     "test_experiments.py::test_evaluate_reports_what_a_recomputation_gives",  # the cfg_run group, with its run
+    "test_distributed.py::test_two_processes_train_as_one_process_write_as_one_and_resume_exactly",
     "test_experiments.py::test_text_to_image_end_to_end",
     "test_experiments.py::test_cond_and_classifier_guidance_end_to_end",
-    "test_distributed.py::test_two_processes_train_as_one_process_write_as_one_and_resume_exactly",
-    "test_readme.py::test_the_readme_example_runs",
     "test_train.py::test_data_parallel_on_4_cpu_devices_equals_single_device",
     "test_benchmarks.py::",
-    "test_sharding.py::test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly",
-    "test_experiments.py::test_superres_end_to_end",
-    "test_sharding.py::test_two_processes_with_the_fsdp_axis_across_them_train_as_one_device",
-    "test_experiments.py::test_mixture_demo_prints_every_sampler_with_its_cost",
     "test_sd_finetune.py::",
+    "test_readme.py::test_the_readme_example_runs",
+    "test_sharding.py::test_sharded_runs_on_8_devices_equal_one_device_hold_a_share_of_the_state_and_resume_exactly",
     "test_sd_train.py::",
+    "test_sampling.py::test_samplers_reproduce_the_mixture",
+    "test_sharding.py::test_two_processes_with_the_fsdp_axis_across_them_train_as_one_device",
+    "test_trainer.py::test_ema_samples_are_as_close_to_the_data_as_the_raw_parameters_after_a_short_run",
+    "test_train.py::test_resume_is_exact",
+    "test_trainer.py::",
     "test_autoencoder.py::test_autoencoder_learns_to_reconstruct_a_batch",
+    "test_experiments.py::test_superres_end_to_end",
+    "test_sd_pipeline.py::test_uint8_rgb_of_any_multiple_of_the_latent_factor_and_seeds",
+    "test_sdxl.py::test_base_then_refiner",
 ]
 
 

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+from fast_xla import FAST_XLA
 from test_data import write_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def test_the_readme_example_runs(tmp_path):
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
                               "JAXDIFF_DATA_DIR": str(tmp_path / "data"),
                               # compiles in about half the time; the example's numbers are not checked
-                              "XLA_FLAGS": "--xla_backend_optimization_level=0"})
+                              "XLA_FLAGS": FAST_XLA})
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
     assert (tmp_path / "runs" / "notebook" / "checkpoints").is_dir()
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import component_stats
+from fast_xla import FULL_OPT
 
 from jaxdiff import mixture, sampling, schedules
 
@@ -179,8 +180,8 @@ def x_T_many():
 def test_samplers_reproduce_the_mixture(name, steps, kwargs, mean_tol, cov_rtol, mixture2d, linear_schedule,
                                         reference_stats, x_T_many):
     f = mixture2d.eps_fn(linear_schedule)
-    x = jax.jit(lambda k: sampling.run(name, f, linear_schedule, x_T_many, key=k, steps=steps, **kwargs))(
-        jax.random.key(0))
+    x = jax.jit(lambda k: sampling.run(name, f, linear_schedule, x_T_many, key=k, steps=steps, **kwargs),
+                compiler_options=FULL_OPT)(jax.random.key(0))
     assert_matches_mixture(mixture2d, reference_stats, x, mean_tol, cov_rtol)
 
 
