@@ -102,7 +102,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=int, default=180, help="seconds per option set")
     p.add_argument("--out", default=None)
     p.add_argument("--trace", default=None,
-                   help="a folder: trace the training program's compile there (jax.profiler, perfetto), one set only")
+                   help="a folder: trace the training program's compile (jax.profiler, perfetto; XLA's passes and "
+                        "autotuning), each option set's in DIR/<its index in --variants>")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -111,11 +112,11 @@ def main(argv=None) -> None:
     lines = ["| XLA options | training compile s | training images/s | sampler compile s | sampler s per call |",
              "| --- | --- | --- | --- | --- |"]
     device = ""
-    for name in args.variants.split(","):
+    for i, name in enumerate(args.variants.split(",")):
         cmd = [sys.executable, "-m", "benchmarks.compile_options", "--worker", name, "--batch", str(args.batch),
                "--channels", ",".join(map(str, args.channels)), "--steps-per-dispatch", str(args.steps_per_dispatch),
                "--sample-batch", str(args.sample_batch), "--repeats", str(args.repeats)] + (
-                   ["--trace", args.trace] if args.trace else [])
+                   ["--trace", os.path.join(args.trace, str(i))] if args.trace else [])
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxdiff import guidance, host, sampling, schedules, train
 from jaxdiff.nets.unet import textbook_unet
-from jaxdiff.pipeline import LOOP_COMPILER_OPTIONS
+from jaxdiff.pipeline import loop_compiler_options
 
 
 def timed(fn, repeats: int) -> float:
@@ -54,8 +54,10 @@ def flops(jitted, *args) -> float:
     cuDNN custom calls that the count leaves out (jax 0.11.2 on an H200 printed 0.031 GFLOP for a 2.2 GFLOP
     train step), and the program before compilation is the same on every platform."""
     cpu = host.cpu()
-    where = {} if cpu is None else {"sharding": jax.sharding.SingleDeviceSharding(cpu)}
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, **where), args)
+    if cpu is None:  # a GPU's count would leave the convolutions out: none rather than a wrong one
+        return float("nan")
+    on_cpu = jax.sharding.SingleDeviceSharding(cpu)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu), args)
     lowered = jitted.trace(*shapes).lower()
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -109,7 +111,7 @@ class JaxBench:
     def sample_rate(self, batch: int) -> float:
         model = self.model
 
-        @partial(jax.jit, compiler_options=LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None)
+        @partial(jax.jit, compiler_options=loop_compiler_options())
         def generate(params, labels, key):  # compiled as the pipeline compiles its samplers
             # as the pipeline does: the parameters cast to the compute dtype once, outside the loop
             params = jax.tree.map(lambda a: a.astype(self.dtype), params)
@@ -198,7 +200,6 @@ def main(argv=None):
     p.add_argument("--steps-per-dispatch", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sample-repeats", type=int, default=2)
-    p.add_argument("--unroll", type=ints, default=[1], help="sampling loop unroll(s) to measure (sampling.UNROLL)")
     p.add_argument("--matmul-size", type=int, default=8192)
     p.add_argument("--torch", choices=["auto", "off"], default="auto")
     p.add_argument("--torch-compile-on-cpu", action="store_true")
@@ -230,13 +231,8 @@ def main(argv=None):
         info.append(f"train step at batch {b}: {train_fl / 1e9:.3f} GFLOP per image; "
                     f"{jax_train[b] * train_fl / rate:.1%} of the measured bf16 matmul rate")
     for b in args.sample_batches:
-        for u in args.unroll:  # the first is the one compared with PyTorch
-            sampling.UNROLL = u
-            rate = jb.sample_rate(b)
-            jax_sample.setdefault(b, rate)
-            rows.append(log_row(("jaxdiff" + (f" (scan unroll {u})" if len(args.unroll) > 1 else ""), "sample", b,
-                                 rate, rate / jax_sample[b])))
-        sampling.UNROLL = 1
+        jax_sample[b] = jb.sample_rate(b)
+        rows.append(log_row(("jaxdiff", "sample", b, jax_sample[b], 1.0)))
     n = jax.local_device_count()
     if args.scaling_only and n == 1:
         info.append("one device: no data-parallel scaling to measure")

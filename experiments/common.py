@@ -248,7 +248,8 @@ def fit(args, spec, loss_fn, images, labels, out, *, meta: dict, label: str = "t
     if trainer.is_writer():
         out.mkdir(parents=True, exist_ok=True)
         print(f"{label}: {what}, {len(devs)} x {devs[0].device_kind}", file=sys.stderr)
-        threading.Thread(target=_font_list, daemon=True).start()  # for the loss plot at the end
+        # for the loss plot at the end; not a daemon: one stopped at exit inside a C extension can abort the process
+        threading.Thread(target=_font_list).start()
     try:
         result = trainer.fit(spec, loss_fn, batches, config, directory=out / "checkpoints", params=params,
                              resume=args.resume, meta=meta, devices=devs, loss_log=out / "loss.csv", label=label,
@@ -430,9 +431,10 @@ def _font_list() -> None:
 
 
 class Later:
-    """``fn()`` in a background thread once ``start()`` is called (e.g. as ``trainer.fit``'s ``compiled``, to
+    """``fn()`` in a background thread once ``start()`` is called (e.g. as ``trainer.fit``'s ``on_compiled``, to
     compile samplers while training runs); ``wait()`` gives its result or raises its error, and runs it here
-    if it was never started."""
+    if it was never started. The thread is not a daemon: if the run fails meanwhile, the interpreter waits for
+    it at exit, since one stopped inside an XLA compile aborts the process (and its clean exit status)."""
 
     def __init__(self, fn):
         self.fn, self.thread, self.outcome = fn, None, None
@@ -444,7 +446,7 @@ class Later:
             except BaseException as err:  # handed to wait()
                 self.outcome = (False, err)
 
-        self.thread = threading.Thread(target=body, daemon=True)
+        self.thread = threading.Thread(target=body)
         self.thread.start()
 
     def wait(self):

@@ -72,7 +72,7 @@ def run(args, out, started: float):
 
     samplers = common.Later(compiled_pipeline)
     t0 = time.perf_counter()
-    result = common.fit(args, spec, loss, images, labels, out, compiled=samplers.start,
+    result = common.fit(args, spec, loss, images, labels, out, on_compiled=samplers.start,
                         meta={"dataset": args.dataset, "split": args.split, "p_uncond": args.p_uncond})
     times["training"] = result.seconds
     # around the loop: the initial parameters, opening and closing the checkpoints, the loss plot

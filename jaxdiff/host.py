@@ -27,10 +27,13 @@ def run_once(fn: Callable, *args, values: Callable[[], int] = lambda: 0):
     """``fn(*args)`` as one program compiled to run once. Where the default backend is not the CPU, it runs on
     the host's CPU (when JAX has it, and ``values()``, about how many values it makes, is at most HOST_LIMIT) and
     its results stay there; under a trace (an outer jit, eval_shape) it is staged into that program as it is."""
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+    leaves = jax.tree.leaves(args)
+    if any(isinstance(a, jax.core.Tracer) for a in leaves):
         return fn(*args)
     device = cpu()
-    if device is None or (jax.default_backend() != "cpu" and values() > HOST_LIMIT):
+    # arrays spread over other processes' devices cannot be brought to this host in one piece
+    spread = any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in leaves)
+    if device is None or (jax.default_backend() != "cpu" and (spread or values() > HOST_LIMIT)):
         return jax.jit(fn)(*args)
     if jax.default_backend() != "cpu":  # on the CPU backend the arguments keep their placement (uncommitted)
         args = jax.device_put(args, device)
@@ -44,8 +47,8 @@ def to_default_device(tree):
         return tree
 
     def move(a):
-        if isinstance(a, jax.core.Tracer):
-            return a
+        if isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and not a.committed):
+            return a  # traced, or already where it should be (a program that stayed on the accelerator)
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(move(jax.random.key_data(a)), impl=jax.random.key_impl(a))
         return jax.numpy.asarray(np.asarray(a))

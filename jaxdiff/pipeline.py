@@ -16,6 +16,7 @@ whole batch. Image i depends on (seed, i) alone, not on how many images were ask
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from functools import partial
 
@@ -126,6 +127,11 @@ def _check_eta(eta) -> float:
 # a step and write nothing (SD-1.5 at batch 1 on an H200: -0.8% a call, docs/BENCHMARKS.md). The option
 # holds for the whole program (text encoder and decoder too).
 LOOP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def loop_compiler_options() -> dict | None:
+    """LOOP_COMPILER_OPTIONS where the default backend is a GPU (they are XLA:GPU's), else None."""
+    return LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None
 
 
 class Pipeline:
@@ -301,8 +307,6 @@ class Pipeline:
 
     def sample(self, condition, negative=None, **settings) -> jax.Array:
         """What the sampler produced (decoded, for latent diffusion), as floats; images are in [-1, 1].
-        Keywords (all optional): gamma, sampler, steps, seed (0), eta, clip_x0 ("auto"), height, width, latents,
-        image, strength, mask, denoising_end, denoising_start, and the condition's own.
 
         ``gamma``: a scale or one per entry (default: the pipeline's: 3 for labels and small prompts,
         7.5 for Stable Diffusion, 1 for low-resolution images). ``sampler``: a name in
@@ -338,7 +342,7 @@ class Pipeline:
         Raises ``NonFiniteSample`` (a ValueError naming the stage) when any stage of the result holds NaN
         or inf: the condition's states, the latents or samples, the decoded image.
         """
-        fn, args, stages = self._program(condition, negative, **settings)
+        fn, args, stages, self.last_sampling = self._program(condition, negative, **settings)
         out, finite = fn(*args)
         finite = np.asarray(finite)  # the one wait: a result is checked before it is handed out
         if not finite.all():
@@ -348,9 +352,10 @@ class Pipeline:
     def compile(self, condition, negative=None, **settings) -> None:
         """Compile, ahead of time and without running it, the program ``sample`` runs for these arguments (the
         same checks first), so that call starts at once: e.g. in a background thread while the parameters are
-        still being trained. The parameters' values are not read, only their shapes and dtypes, which must be
-        those the call will have (``self.params`` may be replaced in between)."""
-        fn, args, _ = self._program(condition, negative, **settings)
+        still being trained. The parameters' values are not read, only their tree, shapes and dtypes, which must
+        be those the call will have (``self.params`` may be replaced in between by arrays of the same tree,
+        shapes and dtypes; loading a LoRA or fusing one makes new programs)."""
+        fn, args, _, _ = self._program(condition, negative, **settings)
         fn.lower(*args).compile()
 
     def _program(self, condition, negative=None, *, gamma=None, sampler: str = "auto", steps: int | None = None,
@@ -430,16 +435,16 @@ class Pipeline:
                 raise ValueError(f"latents holds {bad} non-finite values (NaN or inf) of {latents.size}: the starting "
                                  f"noise must be finite")
         if walk is not None and walk.raw_output:
-            self.last_sampling = walk.report(grid)
+            report = walk.report(grid)
         else:
-            self.last_sampling = walk.report() if walk is not None and image is None else _report(asked, info.name,
-                                                                                                   steps, grid)
+            report = walk.report() if walk is not None and image is None else _report(asked, info.name, steps, grid)
         sig = (sampler, steps, eta, clip_x0, shape, grid, tuple(sorted(options.items())), to_latents)
-        if sig not in self._compiled:
-            options = LOOP_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None
-            self._compiled[sig] = jax.jit(partial(self._generate, *sig), compiler_options=options)
+        fn = self._compiled.get(sig)
+        if fn is None:  # setdefault: a compile() in another thread may have made it meanwhile
+            fn = self._compiled.setdefault(sig, jax.jit(partial(self._generate, *sig),
+                                                        compiler_options=loop_compiler_options()))
         args = (self.params, cond, uncond, jnp.asarray(gamma), jax.random.key(seed), latents, image, inpaint)
-        return self._compiled[sig], args, self._stages(image is not None, inpaint is not None)
+        return fn, args, self._stages(image is not None, inpaint is not None), report
 
     def _resolve(self, sampler, steps, image):
         """(sampler, steps, walk) to run: jaxdiff's own samplers and functions as given (walk None); any other
@@ -694,6 +699,11 @@ def _report(asked, sampler: str, steps, grid) -> dict:
     return {"sampler": sampler, "asked": asked if isinstance(asked, str) else sampler, "scheduler_class": None,
             "overrides": {}, "steps": steps, "evaluations": None if taus is None else len(taus), "timesteps": taus,
             "line": line}
+
+
+# sample and compile take _program's keywords: say so to help() and editors
+Pipeline.sample.__signature__ = inspect.signature(Pipeline._program).replace(return_annotation="jax.Array")
+Pipeline.compile.__signature__ = inspect.signature(Pipeline._program).replace(return_annotation="None")
 
 
 def _cast_once(pipe: Pipeline, module) -> Pipeline:

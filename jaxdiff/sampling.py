@@ -73,11 +73,6 @@ def noise_like(key, x):
     return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(key)
 
 
-# Steps per iteration of the sampling loop's while loop (lax.scan's unroll): more cuts the per-iteration
-# overhead of a latency-bound loop (small batches) at the price of compile time. Read when a sampler is traced.
-UNROLL = 1
-
-
 def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: bool = False, after_step=None):
     """Run ``step(x, carry, inputs_i, key_i) -> (x, carry)`` over the leading axis of the pytree
     ``inputs`` in one ``lax.scan``. ``key_i`` is ``key`` folded with i (per example if ``key`` is
@@ -102,7 +97,7 @@ def sample_loop(step, x_T, inputs, *, key=None, carry=None, return_trajectory: b
         c_next = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), c_next, c)
         return (x_next.astype(x.dtype), c_next), (x if return_trajectory else None)
 
-    (x, _), xs = jax.lax.scan(body, (x_T, carry), (index, inputs), unroll=min(UNROLL, max(n, 1)))
+    (x, _), xs = jax.lax.scan(body, (x_T, carry), (index, inputs))
     if return_trajectory:
         return x.astype(out_dtype), jnp.concatenate([xs, x[None]]).astype(out_dtype)
     return x.astype(out_dtype)

@@ -209,7 +209,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
           resume: bool = False, meta: dict | None = None, devices=None, loss_log=None,
           progress: bool | Progress = True, label: str = "train", mesh: str | None = None,
           frozen: Any = None, every: tuple[int, Callable] | None = None,
-          compiled: Callable[[], None] | None = None) -> TrainResult:
+          on_compiled: Callable[[], None] | None = None) -> TrainResult:
     """Train ``params`` (default: ``spec.init(config.seed)``) on ``loss_fn`` for ``config.steps`` steps.
 
     ``batches.stack(start, count)`` gives ``count`` consecutive global batches (x, y) stacked on a
@@ -228,8 +228,12 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
     step as data and are neither checkpointed nor averaged.
     ``every``: ``(n, fn)`` calls ``fn(state, step)`` after every n-th step (dispatches end there), on every
     process, e.g. to draw validation samples from the EMA parameters while training goes on.
-    ``compiled``: called once the training program is compiled and its first dispatch is on its way, e.g.
-    to compile the samplers in a background thread while training goes on.
+    ``on_compiled``: called once the training program is compiled and its first dispatch is on its way, on
+    every process (not at all when there is nothing to train), e.g. to compile the samplers in a background
+    thread while training goes on.
+
+    The next batches are drawn while the device still runs the last dispatch: ``stack`` must give fresh
+    arrays that it does not change afterwards (on a CPU the device may read them in place).
     """
     if every is not None and (isinstance(every[0], bool) or not isinstance(every[0], (int, np.integer))
                               or every[0] < 1 or not callable(every[1])):
@@ -276,7 +280,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
         at = {"step": start}  # where _loop has got to, for an interruption's message
         try:
             result = _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
-                           frozen, every, compiled)
+                           frozen, every, on_compiled)
             if ckpt is not None:
                 ckpt.wait()
         except KeyboardInterrupt:
@@ -293,7 +297,7 @@ def fit(spec, loss_fn: Callable, batches, config: TrainConfig, *, directory=None
 
 
 def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, progress, label, at,
-          frozen=None, every=None, compiled=None) -> TrainResult:
+          frozen=None, every=None, on_compiled=None) -> TrainResult:
     sharded = sharding.is_sharded(mesh)
     multi_step = (sharding.train_step(loss_fn, tx, config.ema_decay, mesh, state, frozen=frozen) if sharded
                   else train.data_parallel(loss_fn, tx, config.ema_decay, mesh))
@@ -304,18 +308,19 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
     if show:
         show.start(step, mesh.devices.size)
     skips = Skips(label, show.stream if show else sys.stderr)
-    clock = {"t0": time.perf_counter(), "warm": None, "images": 0}
+    t0, warm, warm_images = time.perf_counter(), None, 0
 
     def account(first: int, k: int, metrics) -> None:
         """What one dispatch did: its losses (the wait for it), skipped updates, the log and progress."""
+        nonlocal warm, warm_images
         losses = np.asarray(metrics["loss"])
         skips.update(first, np.asarray(metrics["finite"]))
         if ckpt is not None:
             ckpt.check()  # a background save that failed stops the run here, not at the end
-        if clock["warm"] is None:
-            clock["warm"] = time.perf_counter()
+        if warm is None:
+            warm = time.perf_counter()
         else:
-            clock["images"] += k * config.batch_size
+            warm_images += k * config.batch_size
         if log is not None:
             log.append(first + 1, losses)
         if show:
@@ -332,13 +337,15 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
         check_batches(stacked, step, k, spec, first=step == start)
         local = _local(stacked, config.batch_size)
         state, metrics = multi_step(state, put(local, mesh), frozen)
-        if compiled is not None and step == start:
-            compiled()
+        if on_compiled is not None and step == start:
+            on_compiled()
         inflight.append((step, k, metrics))
         step += k
         at["step"] = step  # dispatched: the device trains it whatever the host does next
         saves = ckpt is not None and (step % config.save_every == 0 or step == config.steps)
         calls = every is not None and step % every[0] == 0
+        # before a checkpoint (or a call) every dispatch is accounted: loss.csv, flushed with the checkpoint,
+        # must hold exactly its steps, which a resume relies on; the save waits for the state anyway
         while len(inflight) > (0 if saves or calls else 1):
             account(*inflight.pop(0))
         if saves:
@@ -354,10 +361,9 @@ def _loop(state, spec, loss_fn, tx, batches, config, mesh, ckpt, saved, log, pro
     if show:
         show.close()
     skips.close(step - start)
-    warm = clock["warm"]
-    rate = clock["images"] / (time.perf_counter() - warm) if clock["images"] else float("nan")
-    first = warm - clock["t0"] if warm is not None else float("nan")
-    return TrainResult(state, start, time.perf_counter() - clock["t0"], rate, first)
+    rate = warm_images / (time.perf_counter() - warm) if warm_images else float("nan")
+    first = warm - t0 if warm is not None else float("nan")
+    return TrainResult(state, start, time.perf_counter() - t0, rate, first)
 
 
 class Skips:

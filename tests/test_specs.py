@@ -74,18 +74,24 @@ def test_a_cosine_checkpoint_loads_back_with_its_cosine_schedule(tmp_path):
 
 def test_on_an_accelerator_the_init_runs_once_on_the_host_and_gives_the_cpu_paths_parameters(monkeypatch):
     """Where the default backend is an accelerator (simulated: jax.default_backend says "gpu"), spec.init runs as
-    one program on the host's CPU and hands back uncommitted arrays on the default device, equal to the CPU path's;
-    under a trace (spec.template's eval_shape) it stays a trace."""
+    one program on the host's CPU (its key sent there) and hands back uncommitted arrays on the default device,
+    equal to the CPU path's; under a trace (spec.template's eval_shape) it stays a trace; a network over
+    HOST_LIMIT values is drawn where it will run (nothing sent to the host)."""
     spec = specs.LabelUNet(num_classes=2, channels=(8, 8), cond_dim=16, image_shape=(8, 8, 1))
     on_cpu = spec.init(3)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    moved = spec.init(3)
-    assert jax.tree.structure(moved) == jax.tree.structure(on_cpu)
-    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(on_cpu), strict=True):
-        assert isinstance(a, jax.Array) and not a.committed
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sent, put = [], jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: (sent.append(a or k), put(x, *a, **k))[1])
+
+    def check(params, count):
+        assert len(sent) == count and jax.tree.structure(params) == jax.tree.structure(on_cpu)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(on_cpu), strict=True):
+            assert isinstance(a, jax.Array) and not a.committed
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)  # -O0 vs -O3: ulps
+
+    check(spec.init(3), 1)
+    assert sent[0] == (host.cpu(),)
     shapes = jax.eval_shape(lambda: spec.init(0))
     assert [s.shape for s in jax.tree.leaves(shapes)] == [a.shape for a in jax.tree.leaves(on_cpu)]
-    monkeypatch.setattr(host, "HOST_LIMIT", 100)  # a network "too large" for the host: drawn where it will run,
-    for a, b in zip(jax.tree.leaves(spec.init(3)), jax.tree.leaves(on_cpu), strict=True):  # fully optimised there
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(host, "HOST_LIMIT", 100)
+    check(spec.init(3), 1)

@@ -228,7 +228,7 @@ def test_frozen_parameters_enter_the_step_as_data_and_train_as_a_closure_over_th
     assert not np.allclose(np.asarray(other.state.params["d"]), np.asarray(passed.state.params["d"]))
 
 
-def test_the_next_batches_are_drawn_while_a_dispatch_runs_and_the_compiled_hook_fires_once(tmp_path):
+def test_the_next_batches_are_drawn_while_a_dispatch_runs_and_the_on_compiled_hook_fires_once(tmp_path):
     """One dispatch stays in flight: the source is asked for dispatch i + 1's batches before dispatch i's losses
     are read (the progress line reads them), except at a checkpoint, where everything is accounted first."""
     events = []
@@ -249,6 +249,6 @@ def test_the_next_batches_are_drawn_while_a_dispatch_runs_and_the_compiled_hook_
             pass
 
     trainer.fit(SPEC, tiny_loss, Recorded(), config(steps=8, save_every=6), params={"w": jnp.zeros(3)},
-                directory=tmp_path / "ck", progress=Seen("t", 8, 8), compiled=lambda: events.append(("compiled",)))
+                directory=tmp_path / "ck", progress=Seen("t", 8, 8), on_compiled=lambda: events.append(("compiled",)))
     assert events == [("stack", 0), ("compiled",), ("stack", 2), ("losses", 2), ("stack", 4), ("losses", 4),
                       ("losses", 6), ("stack", 6), ("losses", 8)]
